@@ -1,0 +1,3 @@
+from sftpvault.cli import main
+
+main()

@@ -1,0 +1,171 @@
+"""Settings: `<home>/sftpvault.toml`, every key optional, validated on load.
+
+The state directory (`--home`, env SFTPVAULT_HOME) holds the config file,
+`keys/` (host keys, keystore, wrapped DEKs), `data/<user>/` (encrypted trees)
+and `users.json` (the embedded user store). README.md lists every setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sftpvault.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+CONFIG_NAME = "sftpvault.toml"
+CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr")
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 2222
+    max_connections: int = 200
+    login_grace_time: int = 30
+    max_auth_tries: int = 6
+    max_handles: int = 256
+    window_size: int = 32 * 1024 * 1024
+    max_packet_size: int = 256 * 1024
+    ciphers: list[str] = field(default_factory=lambda: list(CIPHERS))
+    fsync_on_close: bool = False
+
+
+@dataclass
+class KeySettings:
+    service: str = "embedded"
+    keystore_passphrase_file: str = ""
+
+
+@dataclass
+class LogSettings:
+    level: str = "info"
+    file: str = ""
+
+
+@dataclass
+class Settings:
+    home: Path
+    server: ServerSettings = field(default_factory=ServerSettings)
+    keys: KeySettings = field(default_factory=KeySettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.home / "keys"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def users_file(self) -> Path:
+        return self.home / "users.json"
+
+    def keystore_passphrase(self) -> bytes | None:
+        """From env SFTPVAULT_KEYSTORE_PASSPHRASE or the configured file; never from argv."""
+        if os.environ.get("SFTPVAULT_KEYSTORE_PASSPHRASE"):
+            return os.environ["SFTPVAULT_KEYSTORE_PASSPHRASE"].encode()
+        if self.keys.keystore_passphrase_file:
+            try:
+                return Path(self.keys.keystore_passphrase_file).read_bytes().rstrip(b"\r\n")
+            except OSError as exc:
+                raise ConfigError(f"keys.keystore_passphrase_file: {exc.strerror}") from None
+        return None
+
+
+_SECTIONS = {"server": ServerSettings, "keys": KeySettings, "log": LogSettings}
+
+
+def _check_section(name: str, cls: type, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    defaults = cls()
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown setting {name}.{key}")
+        expected = type(getattr(defaults, key))
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ConfigError(f"{name}.{key} must be a {expected.__name__}, not {value!r}")
+    return cls(**values)
+
+
+def validate(settings: Settings) -> Settings:
+    s = settings.server
+    if not 0 < s.port < 65536:
+        raise ConfigError(f"server.port must be 1-65535, not {s.port}")
+    for key in ("max_connections", "login_grace_time", "max_auth_tries", "max_handles"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"server.{key} must be at least 1")
+    if s.window_size < 2 * s.max_packet_size or s.max_packet_size < 32 * 1024:
+        raise ConfigError("server.max_packet_size must be >= 32768 and server.window_size >= 2 x max_packet_size")
+    unknown = set(s.ciphers) - set(CIPHERS)
+    if unknown or not s.ciphers:
+        raise ConfigError(f"server.ciphers may only list {', '.join(CIPHERS)}")
+    if settings.keys.service != "embedded":
+        raise ConfigError(f"keys.service {settings.keys.service!r} is not available (supported: embedded)")
+    if settings.log.level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log.level must be debug, info, warning or error, not {settings.log.level!r}")
+    return settings
+
+
+def load(home: Path) -> Settings:
+    """Read `home/sftpvault.toml` if present; every missing key keeps its default."""
+    path = home / CONFIG_NAME
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    sections = {}
+    for name, values in raw.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{path}: unknown section [{name}]")
+        sections[name] = _check_section(name, _SECTIONS[name], values)
+    return validate(Settings(home=home.resolve(), **sections))
+
+
+DEFAULT_CONFIG = """\
+# sftpvault configuration. Every setting is optional; the values shown are the defaults.
+
+[server]
+# Address and port to listen on.
+host = "127.0.0.1"
+port = 2222
+# Connections served at once; further ones are closed at once.
+max_connections = 200
+# Seconds a connection may take to log in.
+login_grace_time = 30
+# Failed authentication attempts before the connection is closed.
+max_auth_tries = 6
+# Open files and directories per SFTP session.
+max_handles = 256
+# SSH channel receive window and largest SSH packet (bytes): large values keep uploads fast.
+window_size = 33554432
+max_packet_size = 262144
+# Transport ciphers offered (CBC and 3DES are never offered).
+ciphers = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr"]
+# fsync every uploaded file before it replaces the old one (slower; survives power loss).
+fsync_on_close = false
+
+[keys]
+# Key service that holds the KEKs: "embedded" (keys/keystore.json).
+service = "embedded"
+# File holding the keystore passphrase (or set SFTPVAULT_KEYSTORE_PASSPHRASE).
+keystore_passphrase_file = ""
+
+[log]
+# debug, info, warning or error; file "" logs to stderr.
+level = "info"
+file = ""
+"""

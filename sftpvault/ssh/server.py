@@ -1,0 +1,143 @@
+"""The SSH listener: accepts TCP connections and runs one paramiko Transport each.
+
+Transport setup lives here: the algorithm allowlist (no CBC, 3DES, SHA-1 or
+MD5; strict KEX stays on), the large window and packet size that keep uploads
+fast, the login grace timer and the connection cap. SIGTERM/SIGINT stop the
+listener and commit every open upload before the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import paramiko
+
+from sftpvault import __version__
+from sftpvault.app import App
+from sftpvault.sftp.session import SFTPSession
+from sftpvault.ssh.connection import Connection
+from sftpvault.ssh.hostkeys import load_host_keys
+
+log = logging.getLogger("sftpvault.ssh")
+
+KEX = (
+    "mlkem768x25519-sha256",
+    "curve25519-sha256@libssh.org",
+    "ecdh-sha2-nistp256",
+    "ecdh-sha2-nistp384",
+    "ecdh-sha2-nistp521",
+    "diffie-hellman-group16-sha512",
+    "diffie-hellman-group14-sha256",
+)
+MACS = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com", "hmac-sha2-256", "hmac-sha2-512")
+HOST_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "rsa-sha2-512", "rsa-sha2-256")
+VERSION_STRING = f"SSH-2.0-sftpvault_{__version__}"
+
+
+def configure_transport(transport: paramiko.Transport, ciphers: list[str]) -> None:
+    """Offer only strong algorithms (an allowlist, so new weak ones never slip in)."""
+    transport.local_version = VERSION_STRING
+    options = transport.get_security_options()
+    options.ciphers = tuple(ciphers)
+    options.digests = MACS
+    options.kex = tuple(k for k in KEX if k in transport._kex_info)  # ML-KEM needs a recent cryptography
+    options.key_types = HOST_KEY_TYPES
+
+
+class SSHServer:
+    """Listens on one address and serves SFTP until stop() is called."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.settings = app.settings.server
+        self.host_keys = load_host_keys(app.settings.keys_dir)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._connections: set[Connection] = set()
+        self._sock: socket.socket | None = None
+
+    def bind(self) -> tuple[str, int]:
+        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.settings.host, self.settings.port))
+        sock.listen(128)
+        sock.settimeout(0.5)
+        self._sock = sock
+        return sock.getsockname()[:2]
+
+    def serve_forever(self) -> None:
+        assert self._sock is not None, "bind() first"
+        while not self._stop.is_set():
+            try:
+                client, addr = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    break
+                raise
+            threading.Thread(
+                target=self._serve_connection,
+                args=(client, f"{addr[0]}:{addr[1]}"),
+                name=f"conn-{addr[0]}:{addr[1]}",
+                daemon=True,
+            ).start()
+        self._shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _shutdown(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            conn.close()
+            conn.transport.close()
+        log.info("stopped: %d connection(s) closed, uploads committed", len(connections))
+
+    def _await_login(self, conn: Connection) -> bool:
+        """Wait up to the grace time for a login; False early if the client hung up."""
+        deadline = time.monotonic() + self.settings.login_grace_time
+        while conn.transport.is_active() and time.monotonic() < deadline:
+            if conn.settled.wait(0.25):
+                return True
+        return False
+
+    def _serve_connection(self, client: socket.socket, peer: str) -> None:
+        client.settimeout(None)
+        with self._lock:
+            if len(self._connections) >= self.settings.max_connections:
+                log.warning("refused %s: %d connections already", peer, len(self._connections))
+                client.close()
+                return
+        transport = paramiko.Transport(
+            client, default_window_size=self.settings.window_size, default_max_packet_size=self.settings.max_packet_size
+        )
+        configure_transport(transport, self.settings.ciphers)
+        for key in self.host_keys:
+            transport.add_server_key(key)
+        transport.set_subsystem_handler("sftp", SFTPSession)
+        conn = Connection(self.app, transport, peer)
+        with self._lock:
+            self._connections.add(conn)
+        try:
+            transport.start_server(event=threading.Event(), server=conn)
+            if not self._await_login(conn) or not conn.username:
+                log.info("closing %s: not logged in", peer)
+                transport.close()
+            transport.join()
+        except Exception as exc:
+            log.info("connection %s ended: %s", peer, exc)
+            transport.close()
+        finally:
+            try:
+                conn.close()
+            finally:
+                with self._lock:
+                    self._connections.discard(conn)
