@@ -146,6 +146,10 @@ class SFTPSession(paramiko.SubsystemHandler):
     def finish_subsystem(self) -> None:
         self.close_all()
         self.host.sessions.discard(self)
+        try:
+            self.channel.send_exit_status(0)  # scp checks it, as sshd sends it
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
         super().finish_subsystem()
 
     def close_all(self) -> None:
