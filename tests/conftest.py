@@ -56,6 +56,7 @@ class Vault:
 
     def start(self, extra_env: dict[str, str] | None = None) -> None:
         env = {**os.environ, **(extra_env or {})}
+        seen = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "sftpvault", "--home", str(self.home), "serve",
                                           "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -63,7 +64,7 @@ class Vault:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited: {self.log.read_text()}")
-            if "listening on" in self.log.read_text():
+            if b"listening on" in self.log.read_bytes()[seen:]:
                 return
             time.sleep(0.05)
         raise AssertionError("server did not start")

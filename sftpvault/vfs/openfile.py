@@ -59,7 +59,8 @@ class OpenFile:
         self._times: tuple[int, int] | None = None
         self._lock = threading.Lock()
         try:
-            self.file = self._open_for_write(keys, file_mode) if mode.write else self._open_for_read(keys)
+            changes = mode.write or mode.create or mode.truncate  # as open(2): O_CREAT acts without write access
+            self.file = self._open_for_write(keys, file_mode) if changes else self._open_for_read(keys)
         except BaseException:
             self._discard()
             raise
