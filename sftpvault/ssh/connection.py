@@ -56,6 +56,8 @@ class Connection(paramiko.ServerInterface):
         return self._decide(username, "publickey", ok, f"key {key.fingerprint} not authorized")
 
     def _decide(self, username: str, method: str, ok: bool, reason: str) -> int:
+        if self._failures >= self.app.settings.server.max_auth_tries:
+            return paramiko.AUTH_FAILED  # closing already: no further attempt is even evaluated
         if ok:
             self._method = method
             return paramiko.AUTH_SUCCESSFUL
