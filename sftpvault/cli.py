@@ -34,6 +34,8 @@ class Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except IntegrityError as exc:
+            raise click.ClickException(f"integrity check failed: {exc}") from None
         except SftpvaultError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
@@ -87,24 +89,17 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     settings.server.port = port or settings.server.port
     _setup_logging(settings)
     ensure_host_keys(settings.keys_dir)
-    if app.key_service.create_if_missing():  # type: ignore[attr-defined]
-        log.info("created the embedded keystore %s", app.key_service.path)  # type: ignore[attr-defined]
-    if not app.key_service.sealed:  # type: ignore[attr-defined]
-        log.warning(
-            "the embedded keystore is not passphrase-protected; set SFTPVAULT_KEYSTORE_PASSPHRASE "
-            "before first start, or use a remote key service, to keep KEKs off this disk"
-        )
-    app.key_service.health()
-    stale = remove_stale_uploads(private_dir(settings.data_dir))
-    if stale:
-        log.info("removed %d unfinished upload(s) left by an earlier run", stale)
     server = SSHServer(app)
     try:
         bound_host, bound_port = server.bind()
     except OSError as exc:
-        raise click.ClickException(
-            f"cannot listen on {settings.server.host}:{settings.server.port}: {exc.strerror}"
-        ) from None
+        raise click.ClickException(f"cannot listen on {settings.server.host}:{settings.server.port}: "
+                                   f"{exc.strerror}") from None
+    for warning in app.key_service.startup():
+        log.warning("%s", warning)
+    stale = remove_stale_uploads(private_dir(settings.data_dir))
+    if stale:
+        log.info("removed %d unfinished upload(s) left by an earlier run", stale)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
     log.info("sftpvault %s listening on %s:%d", __version__, bound_host, bound_port)

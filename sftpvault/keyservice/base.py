@@ -48,6 +48,11 @@ class KeyService(abc.ABC):
     def latest_version(self) -> int:
         """The version `wrap` uses now."""
 
+    def startup(self) -> list[str]:
+        """Prepare for serving (create what is missing); returns warnings for the log."""
+        self.health()
+        return []
+
     @abc.abstractmethod
     def health(self) -> None:
         """Raise KeyServiceError if the service cannot serve requests."""

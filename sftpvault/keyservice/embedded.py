@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -61,7 +62,16 @@ class EmbeddedKeyService(KeyService):
                 return False
             salt = os.urandom(16)
             self._save({1: AESGCM.generate_key(bit_length=256)}, salt)
+            logging.getLogger("sftpvault.keys").info("created the embedded keystore %s", self.path)
             return True
+
+    def startup(self) -> list[str]:
+        self.create_if_missing()
+        self.health()
+        if self.sealed:
+            return []
+        return ["the embedded keystore is not passphrase-protected; set SFTPVAULT_KEYSTORE_PASSPHRASE before "
+                "first start, or use a remote key service, to keep KEKs off this disk"]
 
     def wrap(self, plaintext: bytes, context: bytes) -> WrappedKey:
         version = self.latest_version()
