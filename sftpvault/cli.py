@@ -7,6 +7,7 @@ default: the current directory). Errors print one line on stderr and exit 1.
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import stat
 import sys
@@ -84,6 +85,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     from sftpvault.ssh.server import SSHServer
 
     app = _app(ctx)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a core dump would hold plaintext and keys
     settings = app.settings
     settings.server.host = host or settings.server.host
     settings.server.port = port or settings.server.port
@@ -93,8 +95,9 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     try:
         bound_host, bound_port = server.bind()
     except OSError as exc:
-        raise click.ClickException(f"cannot listen on {settings.server.host}:{settings.server.port}: "
-                                   f"{exc.strerror}") from None
+        raise click.ClickException(
+            f"cannot listen on {settings.server.host}:{settings.server.port}: {exc.strerror}"
+        ) from None
     for warning in app.key_service.startup():
         log.warning("%s", warning)
     stale = remove_stale_uploads(private_dir(settings.data_dir))

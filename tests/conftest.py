@@ -17,8 +17,18 @@ from pathlib import Path
 import paramiko
 import pytest
 
-SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
-            "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
+SSH_OPTS = [
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "LogLevel=ERROR",
+    "-o",
+    "ConnectTimeout=10",
+]
 PASSWORD = "correct horse battery staple"
 
 
@@ -29,8 +39,13 @@ def free_port() -> int:
 
 
 def run_cli(home: Path, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "sftpvault", "--home", str(home), *args], input=input,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sftpvault", "--home", str(home), *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"sftpvault {' '.join(args)} failed: {proc.stderr}")
     return proc
@@ -58,8 +73,12 @@ class Vault:
         env = {**os.environ, **(extra_env or {})}
         seen = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "sftpvault", "--home", str(self.home), "serve",
-                                          "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sftpvault", "--home", str(self.home), "serve", "--port", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -77,21 +96,43 @@ class Vault:
         finally:
             self.proc = None
 
-    def sftp(self, *commands: str, check: bool = True, user: str = "demo",
-             opts: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    def sftp(
+        self, *commands: str, check: bool = True, user: str = "demo", opts: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess:
         """Run OpenSSH `sftp -b` with the given batch commands from the work dir."""
         batch = self.work / "batch"
         batch.write_text("\n".join(commands) + "\n")
-        proc = subprocess.run(["sftp", "-q", "-P", str(self.port), "-i", str(self.key), *SSH_OPTS, *opts,
-                               "-b", str(batch), f"{user}@127.0.0.1"], cwd=self.work, capture_output=True,
-                              text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                "sftp",
+                "-q",
+                "-P",
+                str(self.port),
+                "-i",
+                str(self.key),
+                *SSH_OPTS,
+                *opts,
+                "-b",
+                str(batch),
+                f"{user}@127.0.0.1",
+            ],
+            cwd=self.work,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"sftp failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
         return proc
 
     def scp(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(["scp", "-q", "-P", str(self.port), "-i", str(self.key), *SSH_OPTS, *args],
-                              cwd=self.work, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            ["scp", "-q", "-P", str(self.port), "-i", str(self.key), *SSH_OPTS, *args],
+            cwd=self.work,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"scp failed: {proc.stderr}")
         return proc
@@ -114,8 +155,9 @@ def client_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def template_home(tmp_path_factory: pytest.TempPathFactory, client_key: Path) -> Path:
     """A state dir with host keys, keystore and user demo, made once and copied per server."""
     home = tmp_path_factory.mktemp("template")
-    run_cli(home, "user", "add", "demo", "--password-stdin", "--authorized-key", f"{client_key}.pub",
-            input=PASSWORD + "\n")
+    run_cli(
+        home, "user", "add", "demo", "--password-stdin", "--authorized-key", f"{client_key}.pub", input=PASSWORD + "\n"
+    )
     from sftpvault.app import build
     from sftpvault.config import load
     from sftpvault.ssh.hostkeys import ensure_host_keys

@@ -55,27 +55,31 @@ def test_user_lifecycle(tmp_path: Path, client_key: Path) -> None:
 
 def test_user_errors_are_one_line(tmp_path: Path) -> None:
     run_cli(tmp_path, "user", "add", "alice", "--password-stdin", input="pw-one\n")
-    assert_clean_error(run_cli(tmp_path, "user", "add", "alice", "--password-stdin", input="pw\n", check=False),
-                       "already exists")
+    assert_clean_error(
+        run_cli(tmp_path, "user", "add", "alice", "--password-stdin", input="pw\n", check=False), "already exists"
+    )
     assert_clean_error(run_cli(tmp_path, "user", "remove", "nobody", check=False), "no such user")
-    assert_clean_error(run_cli(tmp_path, "user", "add", "Bad/Name", "--password-stdin", input="pw\n",
-                               check=False), "invalid user name")
-    assert_clean_error(run_cli(tmp_path, "user", "add", "carol", "--password-stdin", input="\n", check=False),
-                       "empty")
+    assert_clean_error(
+        run_cli(tmp_path, "user", "add", "Bad/Name", "--password-stdin", input="pw\n", check=False), "invalid user name"
+    )
+    assert_clean_error(run_cli(tmp_path, "user", "add", "carol", "--password-stdin", input="\n", check=False), "empty")
     bogus = tmp_path / "bogus.pub"
     bogus.write_text("not a key\n")
     assert_clean_error(run_cli(tmp_path, "user", "add-key", "alice", str(bogus), check=False), "public key")
 
 
-@pytest.mark.parametrize("config, words", [
-    ("[server]\nport = 70000\n", ("server.port",)),
-    ("[server]\nport = \"x\"\n", ("server.port", "int")),
-    ("[server]\nprot = 22\n", ("unknown setting", "server.prot")),
-    ("[nope]\n", ("unknown section",)),
-    ("[server\n", ("sftpvault.toml",)),
-    ("[keys]\nservice = \"vault\"\n", ("keys.service",)),
-    ("[server]\nciphers = [\"3des-cbc\"]\n", ("server.ciphers",)),
-])
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ("[server]\nport = 70000\n", ("server.port",)),
+        ('[server]\nport = "x"\n', ("server.port", "int")),
+        ("[server]\nprot = 22\n", ("unknown setting", "server.prot")),
+        ("[nope]\n", ("unknown section",)),
+        ("[server\n", ("sftpvault.toml",)),
+        ('[keys]\nservice = "vault"\n', ("keys.service",)),
+        ('[server]\nciphers = ["3des-cbc"]\n', ("server.ciphers",)),
+    ],
+)
 def test_bad_config_is_one_clear_line(tmp_path: Path, config: str, words: tuple[str, ...]) -> None:
     (tmp_path / "sftpvault.toml").write_text(config)
     assert_clean_error(run_cli(tmp_path, "user", "list", check=False), *words)
@@ -90,8 +94,11 @@ def test_cat_import_verify(vault: Vault, tmp_path: Path) -> None:
     data = os.urandom(100_000) + b"\x00" * 10
     (vault.work / "f").write_bytes(data)
     vault.sftp("put f")
-    cat = subprocess.run([sys.executable, "-m", "sftpvault", "--home", str(vault.home), "cat", "demo", "/f"],
-                         capture_output=True, timeout=60)
+    cat = subprocess.run(
+        [sys.executable, "-m", "sftpvault", "--home", str(vault.home), "cat", "demo", "/f"],
+        capture_output=True,
+        timeout=60,
+    )
     assert cat.returncode == 0 and cat.stdout == data
 
     src = tmp_path / "tree"
@@ -135,8 +142,9 @@ def test_serve_script_prints_how_to_connect(tmp_path: Path) -> None:
     port.close()
     script = Path(__file__).resolve().parent.parent / "scripts" / "serve"
     env = {**os.environ, "SFTPVAULT_HOME": str(tmp_path), "HOME": str(tmp_path)}
-    proc = subprocess.Popen([str(script), "--port", str(number)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(script), "--port", str(number)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         lines = []
         for line in proc.stdout:

@@ -35,8 +35,9 @@ def header() -> bytes:
 def encode(plaintext: bytes, nonces: list[bytes]) -> bytes:
     cipher = AESGCM(FILE_KEY)
     chunks = [plaintext[i : i + fmt.CHUNK_SIZE] for i in range(0, max(len(plaintext), 1), fmt.CHUNK_SIZE)]
-    return header() + b"".join(fmt.seal_chunk(cipher, FILE_ID, i, i == len(chunks) - 1, c, nonces[i])
-                               for i, c in enumerate(chunks))
+    return header() + b"".join(
+        fmt.seal_chunk(cipher, FILE_ID, i, i == len(chunks) - 1, c, nonces[i]) for i, c in enumerate(chunks)
+    )
 
 
 def decode(raw: bytes, tmp_path: Path) -> bytes:

@@ -20,8 +20,13 @@ def test_random_offset_and_out_of_order_writes(vault: Vault) -> None:
     client = vault.client()
     model = bytearray(300_000)
     with client.open("r", "wb") as f:
-        pieces = [(200_000, os.urandom(70_000)), (5, os.urandom(100)), (65_530, os.urandom(20)),
-                  (131_072, os.urandom(65_536)), (0, os.urandom(3))]
+        pieces = [
+            (200_000, os.urandom(70_000)),
+            (5, os.urandom(100)),
+            (65_530, os.urandom(20)),
+            (131_072, os.urandom(65_536)),
+            (0, os.urandom(3)),
+        ]
         for offset, data in pieces:
             f.seek(offset)
             f.write(data)
@@ -145,9 +150,12 @@ def test_tampered_ciphertext_is_an_error_never_altered_data(vault: Vault) -> Non
     cases = {
         "bit flip": bytes(flipped),
         "cut at chunk boundary": pristine[: fmt.chunk_offset(2)],
-        "chunks reordered": pristine[: fmt.chunk_offset(0)] + chunk(pristine, 1) + chunk(pristine, 0)
+        "chunks reordered": pristine[: fmt.chunk_offset(0)]
+        + chunk(pristine, 1)
+        + chunk(pristine, 0)
         + pristine[fmt.chunk_offset(2) :],
-        "chunk spliced from other file": pristine[: fmt.chunk_offset(1)] + chunk(other, 1)
+        "chunk spliced from other file": pristine[: fmt.chunk_offset(1)]
+        + chunk(other, 1)
         + pristine[fmt.chunk_offset(2) :],
         "header from other file": other[: fmt.HEADER_SIZE] + pristine[fmt.HEADER_SIZE :],
     }
@@ -187,8 +195,18 @@ def test_path_escapes_are_contained(vault: Vault) -> None:
     (vault.user_dir / "up").symlink_to("../../secret.txt")  # planted link pointing out
     (vault.user_dir / "abs").symlink_to(str(outside))
     os.symlink("/", vault.user_dir / "root")
-    for path in ("../secret.txt", "../../secret.txt", "/../../secret.txt", "up", "abs", "root/secret.txt",
-                 str(outside), "/etc/passwd", "root/etc/passwd", "../home/secret.txt"):
+    for path in (
+        "../secret.txt",
+        "../../secret.txt",
+        "/../../secret.txt",
+        "up",
+        "abs",
+        "root/secret.txt",
+        str(outside),
+        "/etc/passwd",
+        "root/etc/passwd",
+        "../home/secret.txt",
+    ):
         with pytest.raises(OSError):
             client.open(path).read()
     assert client.normalize("../../..") == "/"
@@ -262,7 +280,7 @@ def test_two_sessions_of_one_user_share_the_dek(vault: Vault) -> None:
 
 def raw_request(client: paramiko.SFTPClient, kind: int, *fields: bytes) -> tuple[int, bytes]:
     """Send one raw SFTP request and return (reply type, payload) - for caps paramiko won't send."""
-    client._request_id = getattr(client, "_request_id", 1000) + 1  # noqa: SLF001
+    client._request_id = getattr(client, "_request_id", 1000) + 1
     client.sock.sendall(protocol.packet(kind, client._request_id, *fields))
     (length,) = struct.unpack(">I", client._read_all(4))
     body = client._read_all(length)
@@ -274,8 +292,9 @@ def test_read_request_is_capped(vault: Vault) -> None:
     with client.open("big", "wb") as f:
         f.write(os.urandom(1024 * 1024))
     handle = client.open("big")
-    kind, payload = raw_request(client, protocol.READ, protocol.string(handle.handle), protocol.u64(0),
-                                protocol.u32(16 * 1024 * 1024))
+    kind, payload = raw_request(
+        client, protocol.READ, protocol.string(handle.handle), protocol.u64(0), protocol.u32(16 * 1024 * 1024)
+    )
     assert kind == protocol.DATA
     assert struct.unpack(">I", payload[:4])[0] == protocol.MAX_READ
     client.close()
@@ -310,16 +329,21 @@ def test_limits_and_statvfs_extensions(vault: Vault) -> None:
     kind, payload = raw_request(client, protocol.EXTENDED, protocol.string("limits@openssh.com"))
     assert kind == protocol.EXTENDED_REPLY
     packet_len, read_len, write_len, handles = struct.unpack(">QQQQ", payload)
-    assert (packet_len, read_len, write_len, handles) == (protocol.MAX_PACKET, protocol.MAX_READ, protocol.MAX_READ,
-                                                          256)
-    kind, payload = raw_request(client, protocol.EXTENDED, protocol.string("statvfs@openssh.com"),
-                                protocol.string("/"))
+    assert (packet_len, read_len, write_len, handles) == (
+        protocol.MAX_PACKET,
+        protocol.MAX_READ,
+        protocol.MAX_READ,
+        256,
+    )
+    kind, payload = raw_request(client, protocol.EXTENDED, protocol.string("statvfs@openssh.com"), protocol.string("/"))
     assert kind == protocol.EXTENDED_REPLY and len(payload) == 11 * 8
-    kind, payload = raw_request(client, protocol.EXTENDED, protocol.string("expand-path@openssh.com"),
-                                protocol.string("~/y"))
+    kind, payload = raw_request(
+        client, protocol.EXTENDED, protocol.string("expand-path@openssh.com"), protocol.string("~/y")
+    )
     assert kind == protocol.NAME and protocol.string("/y") in payload
-    kind, _ = raw_request(client, protocol.EXTENDED, protocol.string("expand-path@openssh.com"),
-                          protocol.string("~root/y"))
+    kind, _ = raw_request(
+        client, protocol.EXTENDED, protocol.string("expand-path@openssh.com"), protocol.string("~root/y")
+    )
     assert kind == protocol.STATUS
     client.close()
 

@@ -24,14 +24,35 @@ def test_version_string_names_sftpvault(vault: Vault) -> None:
     assert b"paramiko" not in banner.lower()
 
 
-@pytest.mark.parametrize("opts", [
-    ("-o", "Ciphers=aes128-cbc,aes256-cbc,3des-cbc"),
-    ("-o", "MACs=hmac-sha1,hmac-md5", "-o", "Ciphers=aes128-ctr"),
-    ("-o", "KexAlgorithms=diffie-hellman-group14-sha1,diffie-hellman-group1-sha1"),
-])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ("-o", "Ciphers=aes128-cbc,aes256-cbc,3des-cbc"),
+        ("-o", "MACs=hmac-sha1,hmac-md5", "-o", "Ciphers=aes128-ctr"),
+        ("-o", "KexAlgorithms=diffie-hellman-group14-sha1,diffie-hellman-group1-sha1"),
+    ],
+)
 def test_weak_algorithms_are_refused(vault: Vault, opts: tuple[str, ...]) -> None:
-    out = subprocess.run(["ssh", "-o", "LogLevel=INFO", "-p", str(vault.port), "-i", str(vault.key), *SSH_OPTS, *opts, "-s",
-                          "demo@127.0.0.1", "sftp"], input="", capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [
+            "ssh",
+            "-o",
+            "LogLevel=INFO",
+            "-p",
+            str(vault.port),
+            "-i",
+            str(vault.key),
+            *SSH_OPTS,
+            *opts,
+            "-s",
+            "demo@127.0.0.1",
+            "sftp",
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode != 0
     assert "no matching" in out.stderr.lower() or "unable to negotiate" in out.stderr.lower()
 
@@ -53,8 +74,13 @@ def test_strict_kex_and_aead_cipher_are_negotiated(vault: Vault) -> None:
 
 
 def test_shell_and_exec_are_refused(vault: Vault) -> None:
-    out = subprocess.run(["ssh", "-p", str(vault.port), "-i", str(vault.key), *SSH_OPTS, "demo@127.0.0.1",
-                          "cat /etc/passwd"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    out = subprocess.run(
+        ["ssh", "-p", str(vault.port), "-i", str(vault.key), *SSH_OPTS, "demo@127.0.0.1", "cat /etc/passwd"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
     assert out.returncode != 0
     assert "root:" not in out.stdout
 

@@ -70,8 +70,10 @@ class EmbeddedKeyService(KeyService):
         self.health()
         if self.sealed:
             return []
-        return ["the embedded keystore is not passphrase-protected; set SFTPVAULT_KEYSTORE_PASSPHRASE before "
-                "first start, or use a remote key service, to keep KEKs off this disk"]
+        return [
+            "the embedded keystore is not passphrase-protected; set SFTPVAULT_KEYSTORE_PASSPHRASE before "
+            "first start, or use a remote key service, to keep KEKs off this disk"
+        ]
 
     def wrap(self, plaintext: bytes, context: bytes) -> WrappedKey:
         version = self.latest_version()
