@@ -1,0 +1,1 @@
+"""Authentication backends behind one interface (base.AuthBackend)."""

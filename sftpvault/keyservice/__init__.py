@@ -1,0 +1,1 @@
+"""Key services (KEK holders) behind one interface (base.KeyService)."""

@@ -1,0 +1,1 @@
+"""The SFTP subsystem: wire protocol and per-channel session."""

@@ -1,0 +1,1 @@
+"""The SSH listener, transport setup, host keys and per-connection auth."""

@@ -1,0 +1,1 @@
+"""The users' file system: path jail, atomic open files, encrypting handle."""
