@@ -102,39 +102,21 @@ class Vault:
         """Run OpenSSH `sftp -b` with the given batch commands from the work dir."""
         batch = self.work / "batch"
         batch.write_text("\n".join(commands) + "\n")
-        proc = subprocess.run(
-            [
-                "sftp",
-                "-q",
-                "-P",
-                str(self.port),
-                "-i",
-                str(self.key),
-                *SSH_OPTS,
-                *opts,
-                "-b",
-                str(batch),
-                f"{user}@127.0.0.1",
-            ],
-            cwd=self.work,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(f"sftp failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
-        return proc
+        return self._openssh("sftp", [*opts, "-b", str(batch), f"{user}@127.0.0.1"], check)
 
     def scp(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self._openssh("scp", list(args), check)
+
+    def _openssh(self, tool: str, args: list[str], check: bool) -> subprocess.CompletedProcess:
         proc = subprocess.run(
-            ["scp", "-q", "-P", str(self.port), "-i", str(self.key), *SSH_OPTS, *args],
+            [tool, "-q", "-P", str(self.port), "-i", str(self.key), *SSH_OPTS, *args],
             cwd=self.work,
             capture_output=True,
             text=True,
             timeout=300,
         )
         if check and proc.returncode != 0:
-            raise AssertionError(f"scp failed: {proc.stderr}")
+            raise AssertionError(f"{tool} failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
         return proc
 
     def client(self) -> paramiko.SFTPClient:

@@ -33,8 +33,12 @@ def test_copied_sources_build_a_wheel_with_the_console_script(tmp_path: Path) ->
             assert (ROOT / source).exists(), f"COPY {source}: missing"
             copy = shutil.copytree if (ROOT / source).is_dir() else shutil.copy
             copy(ROOT / source, context / source)
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "w"),
-                          str(context)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "w"), str(context)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     (wheel,) = (tmp_path / "w").glob("sftpvault-*.whl")
     with zipfile.ZipFile(wheel) as z:
@@ -54,8 +58,13 @@ def test_entrypoint_serves_answers_healthcheck_and_stops_on_stopsignal(tmp_path:
     env_home = re.search(r"SFTPVAULT_HOME=(\S+)", DOCKERFILE).group(1)
     assert env_home == "/var/lib/sftpvault"
     exe = Path(sys.executable).with_name("sftpvault")
-    proc = subprocess.Popen([str(exe), *args], env={**os.environ, "SFTPVAULT_HOME": str(tmp_path)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(exe), *args],
+        env={**os.environ, "SFTPVAULT_HOME": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         for line in proc.stdout:
             if "listening on" in line:

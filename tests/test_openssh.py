@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from sftpvault import format as fmt
-from tests.conftest import Vault
+from tests.conftest import SSH_OPTS, Vault
 
 MARKER = b"PLAINTEXT-MARKER-7d1e9c"
 
@@ -134,3 +136,57 @@ def test_password_login_with_openssh(vault: Vault) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "Remote working directory: /" in proc.stdout
+
+
+def interrupt(vault: Vault, command: str, progress: Callable[[], int], at_least: int) -> None:
+    """Start a rate-limited OpenSSH transfer and kill the client once `progress()` reaches `at_least`."""
+    batch = vault.work / "slow"
+    batch.write_text(command + "\n")
+    proc = subprocess.Popen(
+        [
+            "sftp",
+            "-q",
+            "-l",
+            "2000",
+            "-P",
+            str(vault.port),
+            "-i",
+            str(vault.key),
+            *SSH_OPTS,
+            "-b",
+            str(batch),
+            "demo@127.0.0.1",
+        ],
+        cwd=vault.work,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while progress() < at_least and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def size_of(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def test_interrupted_openssh_put_and_get_resume(vault: Vault) -> None:
+    data = marked_data(3 * 1024 * 1024)
+    (vault.work / "big").write_bytes(data)
+    uploading = lambda: sum(size_of(p) for p in vault.user_dir.glob(".sftpvault-upload-*"))  # noqa: E731
+    interrupt(vault, "put big", uploading, 300_000)
+    deadline = time.monotonic() + 30
+    while not (vault.user_dir / "big").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)  # the server commits what the killed client sent
+    partial = fmt.plain_size((vault.user_dir / "big").stat().st_size)
+    assert 0 < partial < len(data)
+    vault.sftp("reput big big")
+    vault.sftp("get big whole")
+    assert (vault.work / "whole").read_bytes() == data
+
+    interrupt(vault, "get big down", lambda: size_of(vault.work / "down"), 300_000)
+    assert 0 < size_of(vault.work / "down") < len(data)
+    vault.sftp("reget big down")
+    assert (vault.work / "down").read_bytes() == data
