@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from sftpvault.audit import AuditLog
 from sftpvault.auth.base import AuthBackend
 from sftpvault.auth.embedded import UserStore, check_user_name
 from sftpvault.config import Settings
@@ -16,6 +17,8 @@ from sftpvault.fsutil import private_dir
 from sftpvault.keyring import Keyring, UserKeys
 from sftpvault.keyservice.base import KeyService
 from sftpvault.keyservice.embedded import EmbeddedKeyService
+from sftpvault.keyservice.movault import MoVaultKeyService
+from sftpvault.keyservice.transit import TransitKeyService, read_token
 from sftpvault.vfs.fs import UserFS
 
 
@@ -37,10 +40,35 @@ class App:
         return UserFS(self.user_home(user), keys, self.settings.server.fsync_on_close)
 
 
-def keystore_path(settings: Settings) -> Path:
-    return settings.keys_dir / "keystore.json"
+def key_services(settings: Settings) -> dict[str, KeyService]:
+    """Every configured key service: embedded always, Transit and Mo-Vault when set up."""
+    services: dict[str, KeyService] = {
+        "embedded": EmbeddedKeyService(settings.keys_dir / "keystore.json", settings.keystore_passphrase())
+    }
+    t = settings.transit
+    if t.address:
+        services["transit"] = TransitKeyService(
+            t.address,
+            read_token(t.token_file),
+            t.mount,
+            t.key,
+            t.key_type,
+            t.namespace,
+            t.ca_file,
+            t.timeout,
+            t.retries,
+        )
+    m = settings.movault
+    if m.url:
+        services["movault"] = MoVaultKeyService(
+            m.url, m.secret_path, settings.keys_dir / "movault.json", m.ca_file, m.timeout, m.retries
+        )
+    return services
 
 
-def build(settings: Settings) -> App:
-    service = EmbeddedKeyService(keystore_path(settings), settings.keystore_passphrase())
-    return App(settings, service, Keyring(settings.keys_dir, service), UserStore(settings.users_file))
+def build(settings: Settings, actor: str | None = None) -> App:
+    services = key_services(settings)
+    keyring = Keyring(
+        settings.keys_dir, services, settings.keys.service, AuditLog(settings.keys_dir / "audit.jsonl", actor)
+    )
+    return App(settings, keyring.service, keyring, UserStore(settings.users_file))

@@ -6,6 +6,7 @@ default: the current directory). Errors print one line on stderr and exit 1.
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import signal
@@ -18,7 +19,7 @@ from typing import Any
 
 import click
 
-from sftpvault import __version__, config
+from sftpvault import __version__, config, lifecycle
 from sftpvault.app import App, build
 from sftpvault.errors import IntegrityError, SftpvaultError, UserError
 from sftpvault.fsutil import private_dir
@@ -84,6 +85,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     from sftpvault.ssh.hostkeys import ensure_host_keys
     from sftpvault.ssh.server import SSHServer
 
+    ctx.obj["app"] = build(config.load(ctx.obj["home"]), actor="server")
     app = _app(ctx)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a core dump would hold plaintext and keys
     settings = app.settings
@@ -212,6 +214,103 @@ def user_add_key(ctx: click.Context, name: str, key_file: Path) -> None:
     click.echo(f"key(s) added for {name}")
 
 
+# -- key lifecycle ------------------------------------------------------------------
+
+
+def _report(outcome: lifecycle.Outcome, what: str) -> None:
+    for failure in outcome.failed:
+        click.echo(f"FAILED {failure}", err=True)
+    click.echo(f"{what}: {outcome.done} done, {len(outcome.failed)} failed")
+    if outcome.failed:
+        raise click.exceptions.Exit(1)
+
+
+@main.group(cls=Group)
+def kek() -> None:
+    """Key-encryption keys: status, rotation, rewrapping, migration."""
+
+
+@kek.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def kek_status(ctx: click.Context, as_json: bool) -> None:
+    """Show the KEK in use and how many DEK records sit on each version."""
+    status = lifecycle.kek_status(_app(ctx))
+    if as_json:
+        click.echo(json.dumps(status, indent=1))
+        return
+    click.echo(f"service {status['service']}  key {status['key']}  latest version {status['latest_version']}")
+    click.echo("service\tversion\tDEKs")
+    for row in status["deks"]:
+        click.echo(f"{row['service']}\t{row['kek_version']}\t{row['count']}")
+
+
+@kek.command("rotate")
+@click.option(
+    "--min-decryption-version",
+    "raise_floor",
+    is_flag=True,
+    help="Afterwards refuse older versions (Transit), once every DEK is rewrapped.",
+)
+@click.pass_context
+def kek_rotate(ctx: click.Context, raise_floor: bool) -> None:
+    """Create a new KEK version and rewrap every DEK record to it (safe while serving)."""
+    app = _app(ctx)
+    with click.progressbar(length=len(app.keyring.users()), label="rewrapping DEKs", file=sys.stderr) as bar:
+        version, outcome = lifecycle.rotate_kek(app, bar.update, raise_floor)
+    click.echo(f"KEK {app.keyring.service.kek_name} is now at version {version}")
+    _report(outcome, "rewrapped")
+
+
+@kek.command("rewrap")
+@click.pass_context
+def kek_rewrap(ctx: click.Context) -> None:
+    """Rewrap DEK records still on older KEK versions (finishes an interrupted rotate)."""
+    app = _app(ctx)
+    with click.progressbar(length=lifecycle.count_stale(app), label="rewrapping DEKs", file=sys.stderr) as bar:
+        outcome = lifecycle.rewrap_all(app, bar.update)
+    _report(outcome, "rewrapped")
+
+
+@kek.command("migrate")
+@click.option("--to", "target", required=True, type=click.Choice(config.SERVICES), help="Target key service.")
+@click.pass_context
+def kek_migrate(ctx: click.Context, target: str) -> None:
+    """Move every DEK record to another configured key service."""
+    app = _app(ctx)
+    with click.progressbar(length=len(app.keyring.users()), label=f"migrating to {target}", file=sys.stderr) as bar:
+        outcome = lifecycle.migrate(app, target, bar.update)
+    if app.settings.keys.service != target:
+        click.echo(f'set keys.service = "{target}" in sftpvault.toml so new DEKs use it too', err=True)
+    _report(outcome, "migrated")
+
+
+@main.group(cls=Group)
+def dek() -> None:
+    """Per-user data-encryption keys."""
+
+
+@dek.command("rotate")
+@click.argument("name", required=False)
+@click.option("--all", "every", is_flag=True, help="Rotate the DEK of every user.")
+@click.option("--reencrypt", is_flag=True, help="Also re-encrypt every chunk (for a suspected compromise).")
+@click.pass_context
+def dek_rotate(ctx: click.Context, name: str | None, every: bool, reencrypt: bool) -> None:
+    """Give NAME (or --all users) a new DEK and move every file under it."""
+    if bool(name) == every:
+        raise click.UsageError("name one user or give --all")
+    app = _app(ctx)
+    total = lifecycle.Outcome()
+    for user_name in app.keyring.users() if every else [name]:
+        with click.progressbar(
+            length=lifecycle.count_files(app, user_name), label=f"rotating DEK of {user_name}", file=sys.stderr
+        ) as bar:
+            outcome = lifecycle.rotate_dek(app, user_name, reencrypt, bar.update)
+        total.done += outcome.done
+        total.failed += [f"{user_name}:{f}" for f in outcome.failed]
+    _report(total, "files moved to the new DEK")
+
+
 # -- break-glass tools ------------------------------------------------------------------
 
 
@@ -301,7 +400,7 @@ def verify(ctx: click.Context, name: str | None) -> None:
     checked, failed = 0, []
     for user_name in names:
         with _user_fs(app, user_name) as fs:
-            for path in fs.walk_files():
+            for _, _, path in list(fs.walk_files()):
                 checked += 1
                 try:
                     _read_all(fs, path)

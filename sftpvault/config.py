@@ -46,6 +46,28 @@ class KeySettings:
 
 
 @dataclass
+class TransitSettings:
+    address: str = ""
+    mount: str = "transit"
+    key: str = "sftpvault"
+    key_type: str = "aes256-gcm96"
+    token_file: str = ""
+    namespace: str = ""
+    ca_file: str = ""
+    timeout: float = 5.0
+    retries: int = 2
+
+
+@dataclass
+class MoVaultSettings:
+    url: str = ""
+    secret_path: str = "sftpvault"
+    ca_file: str = ""
+    timeout: float = 5.0
+    retries: int = 2
+
+
+@dataclass
 class LogSettings:
     level: str = "info"
     file: str = ""
@@ -56,6 +78,8 @@ class Settings:
     home: Path
     server: ServerSettings = field(default_factory=ServerSettings)
     keys: KeySettings = field(default_factory=KeySettings)
+    transit: TransitSettings = field(default_factory=TransitSettings)
+    movault: MoVaultSettings = field(default_factory=MoVaultSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     @property
@@ -82,7 +106,14 @@ class Settings:
         return None
 
 
-_SECTIONS = {"server": ServerSettings, "keys": KeySettings, "log": LogSettings}
+_SECTIONS = {
+    "server": ServerSettings,
+    "keys": KeySettings,
+    "transit": TransitSettings,
+    "movault": MoVaultSettings,
+    "log": LogSettings,
+}
+SERVICES = ("embedded", "transit", "movault")
 
 
 def _check_section(name: str, cls: type, values: Any) -> Any:
@@ -94,6 +125,8 @@ def _check_section(name: str, cls: type, values: Any) -> Any:
         if key not in known:
             raise ConfigError(f"unknown setting {name}.{key}")
         expected = type(getattr(defaults, key))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = values[key] = float(value)
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise ConfigError(f"{name}.{key} must be a {expected.__name__}, not {value!r}")
     return cls(**values)
@@ -111,8 +144,16 @@ def validate(settings: Settings) -> Settings:
     unknown = set(s.ciphers) - set(CIPHERS)
     if unknown or not s.ciphers:
         raise ConfigError(f"server.ciphers may only list {', '.join(CIPHERS)}")
-    if settings.keys.service != "embedded":
-        raise ConfigError(f"keys.service {settings.keys.service!r} is not available (supported: embedded)")
+    if settings.keys.service not in SERVICES:
+        raise ConfigError(f"keys.service must be one of {', '.join(SERVICES)}, not {settings.keys.service!r}")
+    if settings.keys.service == "transit" and not settings.transit.address:
+        raise ConfigError("keys.service is transit but transit.address is not set")
+    if settings.keys.service == "movault" and not settings.movault.url:
+        raise ConfigError("keys.service is movault but movault.url is not set")
+    for name in ("transit", "movault"):
+        section = getattr(settings, name)
+        if section.timeout <= 0 or not 0 <= section.retries <= 10:
+            raise ConfigError(f"{name}.timeout must be > 0 and {name}.retries 0-10")
     if settings.log.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log.level must be debug, info, warning or error, not {settings.log.level!r}")
     return settings
@@ -159,10 +200,34 @@ ciphers = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "ae
 fsync_on_close = false
 
 [keys]
-# Key service that holds the KEKs: "embedded" (keys/keystore.json).
+# Key service that wraps new DEKs: "embedded" (keys/keystore.json), "transit" or "movault".
+# Records wrapped by another configured service keep working (see `sftpvault kek migrate`).
 service = "embedded"
 # File holding the keystore passphrase (or set SFTPVAULT_KEYSTORE_PASSPHRASE).
 keystore_passphrase_file = ""
+
+[transit]
+# OpenBao / Vault Transit; used when address is set. The token comes from token_file,
+# else from env BAO_TOKEN or VAULT_TOKEN.
+address = ""
+mount = "transit"
+key = "sftpvault"
+# aes256-gcm96 (created with derived=true: per-user context) or rsa-4096.
+key_type = "aes256-gcm96"
+token_file = ""
+namespace = ""
+ca_file = ""
+# Seconds per request, and retries (with backoff) on connection errors and 5xx.
+timeout = 5.0
+retries = 2
+
+[movault]
+# The Mo-Vault EaaS API; used when url is set. The key version in use is kept in keys/movault.json.
+url = ""
+secret_path = "sftpvault"
+ca_file = ""
+timeout = 5.0
+retries = 2
 
 [log]
 # debug, info, warning or error; file "" logs to stderr.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from sftpvault.audit import AuditLog
 from sftpvault.errors import KeyServiceError
 from sftpvault.keyring import Keyring
 from sftpvault.keyservice.base import WrappedKey
@@ -19,7 +20,7 @@ from sftpvault.keyservice.embedded import EmbeddedKeyService
 def make_keyring(keys_dir: Path, passphrase: bytes | None = None) -> Keyring:
     service = EmbeddedKeyService(keys_dir / "keystore.json", passphrase)
     service.create_if_missing()
-    return Keyring(keys_dir, service)
+    return Keyring(keys_dir, {"embedded": service}, "embedded", AuditLog(keys_dir / "audit.jsonl", "test"))
 
 
 def test_record_is_written_before_use_and_reused(tmp_path: Path) -> None:
@@ -70,6 +71,7 @@ def test_sessions_share_dek_and_last_close_rewraps_after_rotation(tmp_path: Path
     first = ring.acquire("dave")
     second = ring.acquire("dave")
     assert first is second
+    assert ring.record_path("dave").exists()
     assert ring.service.rotate() == 2
     ring.release("dave")
     assert ring.load_record("dave").deks[first.current_id.hex()].wrapped.kek_version == 1  # a session remains

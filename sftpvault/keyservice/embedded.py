@@ -43,6 +43,7 @@ class EmbeddedKeyService(KeyService):
     """KEKs live in a keystore file next to the wrapped DEK records."""
 
     service_id = "embedded"
+    kek_name = KEK_NAME
 
     def __init__(self, path: Path, passphrase: bytes | None = None) -> None:
         self.path = path

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -174,18 +175,67 @@ class UserFS:
         with self.jail.resolve(vpath, follow=False) as loc:
             return os.readlink(loc.name, dir_fd=loc.dir_fd)
 
-    def walk_files(self, vpath: str = "/") -> list[str]:
-        """Every regular file below `vpath` (not following symlinks), for verify and rotation."""
-        found = []
-        for name, attrs in self.listdir(vpath):
-            child = vpath.rstrip("/") + "/" + name
-            if name in (".", ".."):
+    def walk_files(self, include_uploads: bool = False) -> Iterator[tuple[int, str, str]]:
+        """(parent fd, name, virtual path) of every regular file, never following a link.
+
+        With include_uploads, in-progress uploads (hidden temporaries) are
+        included, as key rotation must see every header on disk.
+        """
+        yield from self._walk(self.jail.root_fd, "", include_uploads)
+
+    def _walk(self, dir_fd: int, prefix: str, include_uploads: bool) -> Iterator[tuple[int, str, str]]:
+        with os.scandir(dir_fd) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            if is_hidden(entry.name) and not include_uploads:
                 continue
-            if stat.S_ISDIR(attrs.mode):
-                found.extend(self.walk_files(child))
-            elif stat.S_ISREG(attrs.mode):
-                found.append(child)
-        return found
+            vpath = f"{prefix}/{entry.name}"
+            if entry.is_dir(follow_symlinks=False):
+                try:
+                    sub = os.open(
+                        entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+                    )
+                except OSError:
+                    continue  # replaced or removed while walking
+                try:
+                    yield from self._walk(sub, vpath, include_uploads)
+                finally:
+                    os.close(sub)
+            elif entry.is_file(follow_symlinks=False):
+                yield dir_fd, entry.name, vpath
+
+    def read_header(self, dir_fd: int, name: str, writable: bool = False) -> tuple[int, fmt.Header]:
+        """An open descriptor on a file and its parsed header (caller closes the descriptor)."""
+        fd = os.open(name, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            return fd, fmt.Header.parse(os.pread(fd, fmt.HEADER_SIZE, 0))
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def rewrap_header(self, dir_fd: int, name: str, new_dek_id: bytes) -> bool:
+        """Move one file's key under the DEK `new_dek_id`; the chunks are not touched."""
+        fd, header = self.read_header(dir_fd, name, writable=True)
+        try:
+            if header.dek_id == new_dek_id:
+                return False
+            moved = fmt.rewrap_header(header, self.keys.get(header.dek_id), self.keys.get(new_dek_id), new_dek_id)
+            os.pwrite(fd, moved.to_bytes(), 0)  # same size, one write: never a half header
+            return True
+        finally:
+            os.close(fd)
+
+    def dek_ids_in_use(self) -> set[bytes]:
+        """DEK ids named by any file header, in-progress uploads included."""
+        used = set()
+        for dir_fd, name, _ in self.walk_files(include_uploads=True):
+            try:
+                fd, header = self.read_header(dir_fd, name)
+            except (OSError, IntegrityError):
+                continue  # vanished, or a temporary whose header is not written yet
+            os.close(fd)
+            used.add(header.dek_id)
+        return used
 
 
 def _exists(dir_fd: int, name: str) -> bool:

@@ -161,6 +161,12 @@ class OpenFile:
                 os.close(self.file.fd)
                 self._discard()
 
+    def abort(self) -> None:
+        """Drop the handle without committing: the target keeps its old content."""
+        with self._lock:
+            os.close(self.file.fd)
+            self._discard()
+
     def _discard(self) -> None:
         if self._temp is not None:
             try:
