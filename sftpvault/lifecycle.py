@@ -104,6 +104,7 @@ def migrate(app: App, target_id: str, progress: Progress = _no_progress) -> Outc
     target = keyring.services.get(target_id)
     if target is None:
         raise KeyServiceError(f"the {target_id} key service is not configured in sftpvault.toml")
+    target.startup()  # e.g. create the Transit key on first use
     for user in keyring.users():
         record = keyring.load_record(user)
         for dek_id, entry in list(record.deks.items()) if record else []:
@@ -132,7 +133,7 @@ def rotate_dek(app: App, user: str, reencrypt: bool = False, progress: Progress 
     keys = keyring.acquire(user)
     fs = app.user_fs(user, keys)
     try:
-        for dir_fd, name, vpath in list(fs.walk_files(include_uploads=not reencrypt)):
+        for dir_fd, name, vpath in fs.walk_files(include_uploads=not reencrypt):  # lazily: dir fds stay open
             try:
                 if reencrypt:
                     _reencrypt(fs, vpath)

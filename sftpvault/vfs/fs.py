@@ -178,6 +178,8 @@ class UserFS:
     def walk_files(self, include_uploads: bool = False) -> Iterator[tuple[int, str, str]]:
         """(parent fd, name, virtual path) of every regular file, never following a link.
 
+        Iterate lazily: a directory's descriptor is closed once the walk leaves it.
+
         With include_uploads, in-progress uploads (hidden temporaries) are
         included, as key rotation must see every header on disk.
         """
