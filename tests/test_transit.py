@@ -102,8 +102,7 @@ def test_rewrap_on_close_after_rotation_and_audit(transit_vault: Vault, bao: Ope
     key = f"sftpvault-{current_entry(vault)['algorithm'].removeprefix('transit-')}"
     bao.api("POST", f"transit/keys/{key}/rotate").raise_for_status()  # rotated behind our back
     vault.sftp("pwd")  # the session closes: its record moves to version 2
-    wait_for(lambda: vault.log.read_text().count("dropped DEKs of demo") == 2)
-    assert current_entry(vault)["kek_version"] == 2
+    wait_for(lambda: current_entry(vault)["kek_version"] == 2)
     actions = [e["action"] for e in AuditLog(vault.home / "keys" / "audit.jsonl").entries()]
     assert "dek.create" in actions and "dek.unwrap" in actions and "dek.rewrap" in actions
     text = (vault.home / "keys" / "audit.jsonl").read_text()
