@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import signal
 import stat
@@ -79,32 +80,44 @@ def _setup_logging(settings: config.Settings) -> None:
 @main.command()
 @click.option("--host", help="Listen address (default from config: 127.0.0.1).")
 @click.option("--port", type=click.IntRange(1, 65535), help="Listen port (default from config: 2222).")
+@click.option("--workers", type=click.IntRange(0, 256), help="Server processes (config default 0: one per core).")
 @click.pass_context
-def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
+def serve(ctx: click.Context, host: str | None, port: int | None, workers: int | None) -> None:
     """Run the SFTP server (creates host keys and the keystore on first run)."""
     from sftpvault.ssh.hostkeys import ensure_host_keys
-    from sftpvault.ssh.server import SSHServer
+    from sftpvault.ssh.server import SSHServer, tcp_socket
+    from sftpvault.ssh.workers import serve_workers
 
-    ctx.obj["app"] = build(config.load(ctx.obj["home"]), actor="server")
-    app = _app(ctx)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a core dump would hold plaintext and keys
-    settings = app.settings
+    settings = config.load(ctx.obj["home"])
     settings.server.host = host or settings.server.host
     settings.server.port = port or settings.server.port
+    count = workers if workers is not None else settings.server.workers
+    count = count or os.cpu_count() or 1
+    settings.server.max_connections = -(-settings.server.max_connections // count)  # the cap is spread over workers
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a core dump would hold plaintext and keys
     _setup_logging(settings)
-    ensure_host_keys(settings.keys_dir)
-    server = SSHServer(app)
     try:
-        bound_host, bound_port = server.bind()
+        # no SO_REUSEPORT here: a port held by anyone, even another sftpvault, is refused
+        tcp_socket(settings.server.host, settings.server.port).close()
     except OSError as exc:
         raise click.ClickException(
             f"cannot listen on {settings.server.host}:{settings.server.port}: {exc.strerror}"
         ) from None
+    app = build(settings, actor="server")
+    ensure_host_keys(settings.keys_dir)
     for warning in app.key_service.startup():
         log.warning("%s", warning)
     stale = remove_stale_uploads(private_dir(settings.data_dir))
     if stale:
         log.info("removed %d unfinished upload(s) left by an earlier run", stale)
+    if count > 1:
+        # each worker builds its own App: no HTTP connection or lock is shared across the fork
+        serve_workers(
+            lambda: SSHServer(build(settings, actor="server")), settings.server.host, settings.server.port, count
+        )
+        return
+    server = SSHServer(app)
+    bound_host, bound_port = server.bind()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
     log.info("sftpvault %s listening on %s:%d", __version__, bound_host, bound_port)

@@ -30,6 +30,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 2222
     max_connections: int = 200
+    workers: int = 0
     login_grace_time: int = 30
     max_auth_tries: int = 6
     max_handles: int = 256
@@ -136,6 +137,8 @@ def validate(settings: Settings) -> Settings:
     s = settings.server
     if not 0 < s.port < 65536:
         raise ConfigError(f"server.port must be 1-65535, not {s.port}")
+    if not 0 <= s.workers <= 256:
+        raise ConfigError(f"server.workers must be 0-256, not {s.workers}")
     for key in ("max_connections", "login_grace_time", "max_auth_tries", "max_handles"):
         if getattr(s, key) < 1:
             raise ConfigError(f"server.{key} must be at least 1")
@@ -183,8 +186,10 @@ DEFAULT_CONFIG = """\
 # Address and port to listen on.
 host = "127.0.0.1"
 port = 2222
-# Connections served at once; further ones are closed at once.
+# Connections served at once (spread over the workers); further ones are closed at once.
 max_connections = 200
+# Server processes sharing the port; 0 = one per core.
+workers = 0
 # Seconds a connection may take to log in.
 login_grace_time = 30
 # Failed authentication attempts before the connection is closed.

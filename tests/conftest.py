@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -69,12 +70,23 @@ class Vault:
     def user_dir(self) -> Path:
         return self.home / "data" / "demo"
 
-    def start(self, extra_env: dict[str, str] | None = None) -> None:
+    def start(self, extra_env: dict[str, str] | None = None, workers: int = 1) -> None:
         env = {**os.environ, **(extra_env or {})}
         seen = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sftpvault", "--home", str(self.home), "serve", "--port", str(self.port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "sftpvault",
+                    "--home",
+                    str(self.home),
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    str(workers),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -100,7 +112,7 @@ class Vault:
         self, *commands: str, check: bool = True, user: str = "demo", opts: tuple[str, ...] = ()
     ) -> subprocess.CompletedProcess:
         """Run OpenSSH `sftp -b` with the given batch commands from the work dir."""
-        batch = self.work / "batch"
+        batch = self.work / f"batch-{threading.get_ident()}"  # callers may run in parallel
         batch.write_text("\n".join(commands) + "\n")
         return self._openssh("sftp", [*opts, "-b", str(batch), f"{user}@127.0.0.1"], check)
 

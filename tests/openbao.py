@@ -31,8 +31,9 @@ class OpenBao:
     home: Path
 
     def api(self, method: str, path: str, body: dict | None = None, token: str | None = None) -> requests.Response:
-        return requests.request(method, f"{self.address}/v1/{path}", json=body, timeout=10,
-                                headers={"X-Vault-Token": token or self.token})
+        return requests.request(
+            method, f"{self.address}/v1/{path}", json=body, timeout=10, headers={"X-Vault-Token": token or self.token}
+        )
 
     def enable_transit(self, mount: str) -> None:
         self.api("POST", f"sys/mounts/{mount}", {"type": "transit"}).raise_for_status()
@@ -48,8 +49,12 @@ def start_openbao(home: Path) -> OpenBao:
     token = secrets.token_hex(16)
     port = free_port()
     # the root token reaches the dev server by environment, never by argv
-    env = {**os.environ, "HOME": str(home), "BAO_DEV_ROOT_TOKEN_ID": token,
-           "BAO_DEV_LISTEN_ADDRESS": f"127.0.0.1:{port}"}
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "BAO_DEV_ROOT_TOKEN_ID": token,
+        "BAO_DEV_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+    }
     log = (home / "bao.log").open("wb")
     proc = subprocess.Popen([bao_binary(), "server", "-dev"], env=env, stdout=log, stderr=subprocess.STDOUT)
     bao = OpenBao(f"http://127.0.0.1:{port}", token, proc, home)

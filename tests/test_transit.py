@@ -32,13 +32,16 @@ def transit_config(bao: OpenBao, home: Path, key_type: str = "aes256-gcm96") -> 
     token_file = home / "bao-token"
     token_file.write_text(bao.token)
     token_file.chmod(0o600)
-    return (f'[keys]\nservice = "transit"\n[transit]\naddress = "{bao.address}"\ntoken_file = "{token_file}"\n'
-            f'key = "sftpvault-{key_type}"\nkey_type = "{key_type}"\ntimeout = 2.0\nretries = 1\n')
+    return (
+        f'[keys]\nservice = "transit"\n[transit]\naddress = "{bao.address}"\ntoken_file = "{token_file}"\n'
+        f'key = "sftpvault-{key_type}"\nkey_type = "{key_type}"\ntimeout = 2.0\nretries = 1\n'
+    )
 
 
 @pytest.fixture(params=["aes256-gcm96", "rsa-4096"])
-def transit_vault(request: pytest.FixtureRequest, bao: OpenBao, template_home: Path, client_key: Path,
-                  tmp_path: Path) -> Iterator[Vault]:
+def transit_vault(
+    request: pytest.FixtureRequest, bao: OpenBao, template_home: Path, client_key: Path, tmp_path: Path
+) -> Iterator[Vault]:
     vault = make_vault(template_home, client_key, tmp_path)
     (vault.home / "sftpvault.toml").write_text(transit_config(bao, vault.home, request.param))
     vault.start()
@@ -115,16 +118,19 @@ def test_copied_record_does_not_unwrap_for_another_user(bao: OpenBao, tmp_path: 
         service.startup()
         ring = Keyring(tmp_path / key_type, {"transit": service}, "transit", AuditLog(tmp_path / "audit", "t"))
         ring.acquire("alice")
-        ring.record_path("mallory").write_bytes(ring.record_path("alice").read_bytes()
-                                                .replace(b'"alice"', b'"mallory"'))
+        ring.record_path("mallory").write_bytes(
+            ring.record_path("alice").read_bytes().replace(b'"alice"', b'"mallory"')
+        )
         with pytest.raises(KeyServiceError):
             ring.acquire("mallory")
 
 
 def test_wrong_token_is_a_clear_error(bao: OpenBao, vault: Vault) -> None:
     (vault.home / "bad-token").write_text("not-the-token")
-    (vault.home / "sftpvault.toml").write_text(f'[keys]\nservice = "transit"\n[transit]\naddress = "{bao.address}"\n'
-                                               f'token_file = "{vault.home / "bad-token"}"\n')
+    (vault.home / "sftpvault.toml").write_text(
+        f'[keys]\nservice = "transit"\n[transit]\naddress = "{bao.address}"\n'
+        f'token_file = "{vault.home / "bad-token"}"\n'
+    )
     out = run_cli(vault.home, "kek", "status", check=False)
     assert out.returncode == 1 and "denied permission" in out.stderr and "not-the-token" not in out.stderr
     assert "Traceback" not in out.stderr
@@ -138,8 +144,9 @@ def test_sealed_openbao_is_named(bao: OpenBao, vault: Vault) -> None:
     assert out.returncode == 1 and "sealed" in out.stderr
 
 
-def test_openbao_down_at_login_and_at_close(bao: OpenBao, template_home: Path, client_key: Path,
-                                            tmp_path: Path) -> None:
+def test_openbao_down_at_login_and_at_close(
+    bao: OpenBao, template_home: Path, client_key: Path, tmp_path: Path
+) -> None:
     vault = make_vault(template_home, client_key, tmp_path)
     (vault.home / "sftpvault.toml").write_text(transit_config(bao, vault.home))
     run_cli(vault.home, "user", "add", "other", "--authorized-key", f"{client_key}.pub")

@@ -20,7 +20,7 @@ from sftpvault.keyservice.base import DEK_SIZE, KeyService, WrappedKey, bind, un
 from sftpvault.keyservice.http import JsonClient
 
 KEY_TYPES = ("aes256-gcm96", "rsa-4096")
-BATCH = 250
+BATCH = 100  # items per rewrap request: OpenBao refuses JSON with more than 1000 strings
 
 
 def _b64(data: bytes) -> str:

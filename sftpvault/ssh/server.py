@@ -47,6 +47,20 @@ def configure_transport(transport: paramiko.Transport, ciphers: list[str]) -> No
     options.key_types = HOST_KEY_TYPES
 
 
+def tcp_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A bound (not yet listening) TCP socket."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class SSHServer:
     """Listens on one address and serves SFTP until stop() is called."""
 
@@ -59,11 +73,9 @@ class SSHServer:
         self._connections: set[Connection] = set()
         self._sock: socket.socket | None = None
 
-    def bind(self) -> tuple[str, int]:
-        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.settings.host, self.settings.port))
+    def bind(self, reuse_port: bool = False) -> tuple[str, int]:
+        """Listen on the configured address; with reuse_port, beside other workers on the same port."""
+        sock = tcp_socket(self.settings.host, self.settings.port, reuse_port)
         sock.listen(128)
         sock.settimeout(0.5)
         self._sock = sock

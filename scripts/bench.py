@@ -1,0 +1,455 @@
+"""Side-by-side benchmark: sftpvault vs OpenSSH sshd (internal-sftp) vs rclone serve sftp (crypt remote).
+
+Every server runs on its own loopback port with its data in a temp dir on the
+same disk, and every measurement is made with the same client: OpenSSH `sftp
+-b` with aes128-gcm@openssh.com. Each row is the median of --repeat runs. It
+reports; it does not judge (exit status 0 even when a target is missed).
+
+Also reports the key-lifecycle figures of the key-service issue against a
+local OpenBao: `kek rotate` over many DEK records, `dek rotate` over many file
+headers, and the median DEK unwrap time at login.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CIPHER = "aes128-gcm@openssh.com"
+MB = 1_000_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                if s.recv(8).startswith(b"SSH-"):
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("server did not start")
+
+
+def process_tree_rss(pid: int) -> int:
+    """Resident bytes of `pid` and all its descendants."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            total += int(status.split("VmRSS:")[1].split()[0]) * 1024 if "VmRSS:" in status else 0
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+class RssSampler:
+    """Peak resident memory of a server's process tree while a measurement runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, process_tree_rss(self.pid))
+            self._stop.wait(0.05)
+
+
+class Target:
+    """One server under test."""
+
+    name = ""
+
+    def __init__(self, work: Path, pubkey: Path) -> None:
+        self.dir = work / self.name
+        self.dir.mkdir()
+        self.port = free_port()
+        self.pubkey = pubkey
+        self.proc: subprocess.Popen | None = None
+        self.user = "bench"
+        self.remote = ""  # prefix for remote paths
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Sftpvault(Target):
+    name = "sftpvault"
+
+    def __init__(self, work: Path, pubkey: Path, workers: int) -> None:
+        super().__init__(work, pubkey)
+        self.workers = workers
+
+    def start(self) -> None:
+        sv = [sys.executable, "-m", "sftpvault", "--home", str(self.dir)]
+        subprocess.run(
+            [*sv, "user", "add", self.user, "--authorized-key", str(self.pubkey)], check=True, capture_output=True
+        )
+        extra = ["--workers", str(self.workers)] if self.workers else []
+        self.proc = subprocess.Popen(
+            [*sv, "serve", "--port", str(self.port), *extra],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=(self.dir / "log").open("wb"),
+        )
+        wait_port(self.port, self.proc)
+
+
+class OpenSSH(Target):
+    name = "openssh"
+
+    def start(self) -> None:
+        data = self.dir / "data"
+        data.mkdir()
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.dir / "hostkey")], check=True)
+        shutil.copy(self.pubkey, self.dir / "authorized_keys")
+        (self.dir / "sshd_config").write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.dir / 'hostkey'}\n"
+            f"AuthorizedKeysFile {self.dir / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+            f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+            f"Subsystem sftp internal-sftp\nPidFile {self.dir / 'pid'}\nMaxStartups 100\n"
+        )
+        Path("/run/sshd").mkdir(exist_ok=True)
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        # -D: stay in the foreground; -r: no re-exec per connection (fails in this sandbox)
+        self.proc = subprocess.Popen(
+            [sshd, "-D", "-r", "-f", str(self.dir / "sshd_config"), "-E", str(self.dir / "log")]
+        )
+        self.user = os.environ.get("USER") or "root"
+        self.remote = f"{data}/"
+        wait_port(self.port, self.proc)
+
+
+class RcloneCrypt(Target):
+    name = "rclone-crypt"
+
+    def start(self) -> None:
+        data = self.dir / "data"
+        data.mkdir()
+        secret = subprocess.run(
+            ["rclone", "obscure", os.urandom(12).hex()], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        config = self.dir / "rclone.conf"
+        config.write_text(
+            f"[base]\ntype = alias\nremote = {data}\n\n[sec]\ntype = crypt\nremote = base:\npassword = {secret}\n"
+        )
+        config.chmod(0o600)
+        shutil.copy(self.pubkey, self.dir / "authorized_keys")
+        self.proc = subprocess.Popen(
+            [
+                "rclone",
+                "--config",
+                str(config),
+                "serve",
+                "sftp",
+                "sec:",
+                "--addr",
+                f"127.0.0.1:{self.port}",
+                "--authorized-keys",
+                str(self.dir / "authorized_keys"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=(self.dir / "log").open("wb"),
+        )
+        wait_port(self.port, self.proc)
+
+
+class Client:
+    """OpenSSH sftp, the same for every target."""
+
+    def __init__(self, key: Path, local: Path) -> None:
+        self.key, self.local = key, local
+
+    def run(self, target: Target, *commands: str) -> None:
+        batch = tempfile.NamedTemporaryFile("w", dir=self.local, delete=False, suffix=".batch")
+        batch.write("\n".join(commands) + "\n")
+        batch.close()
+        try:
+            subprocess.run(
+                [
+                    "sftp",
+                    "-q",
+                    "-c",
+                    CIPHER,
+                    "-P",
+                    str(target.port),
+                    "-i",
+                    str(self.key),
+                    "-o",
+                    "StrictHostKeyChecking=no",
+                    "-o",
+                    "UserKnownHostsFile=/dev/null",
+                    "-o",
+                    "LogLevel=ERROR",
+                    "-b",
+                    batch.name,
+                    f"{target.user}@127.0.0.1",
+                ],
+                cwd=self.local,
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=3600,
+            )
+        finally:
+            os.unlink(batch.name)
+
+
+def timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_random_file(path: Path, size: int) -> None:
+    with path.open("wb") as f:
+        left = size
+        while left:
+            block = os.urandom(min(left, 1 << 20))
+            f.write(block)
+            left -= len(block)
+
+
+def measure_target(
+    target: Target, client: Client, args: argparse.Namespace, local: Path, big_hash: str
+) -> dict[str, float]:
+    """All rows for one target; each the median of args.repeat runs."""
+    rows: dict[str, list[float]] = {}
+
+    def add(row: str, value: float) -> None:
+        rows.setdefault(row, []).append(value)
+
+    for run in range(args.repeat):
+        remote = f"{target.remote}big{run}"
+        down = local / f"down{run}"
+        with RssSampler(target.proc.pid) as rss:
+            add("upload MB/s", args.size / MB / timed(lambda r=remote: client.run(target, f"put big {r}")))
+            get = f"get {remote} {down.name}"
+            add("download MB/s", args.size / MB / timed(lambda g=get: client.run(target, g)))
+        add("peak RSS single-stream MiB", rss.peak / 2**20)
+        if sha256(down) != big_hash:
+            raise RuntimeError(f"{target.name}: downloaded file differs")
+        down.unlink()
+        client.run(target, f"rm {remote}")
+
+        per_stream = args.size // args.streams
+
+        def stream(i: int, run: int = run) -> None:
+            name = f"{target.remote}par{run}-{i}"
+            client.run(target, f"put part{i} {name}", f"get {name} back{i}", f"rm {name}")
+
+        with ThreadPoolExecutor(args.streams) as pool:
+            seconds = timed(lambda: list(pool.map(stream, range(args.streams))))
+        add(f"{args.streams} streams up+down MB/s", 2 * per_stream * args.streams / MB / seconds)
+
+        tree = f"{target.remote}small{run}"
+        add("small files upload files/s", args.small / timed(lambda t=tree: client.run(target, f"put -r small {t}")))
+        add(
+            "small files download files/s",
+            args.small / timed(lambda t=tree: client.run(target, f"get -r {t} smallback")),
+        )
+        shutil.rmtree(local / "smallback", ignore_errors=True)
+
+        add("logins/s sequential", args.logins / timed(lambda: [client.run(target, "bye") for _ in range(args.logins)]))
+        with ThreadPoolExecutor(8) as pool:
+            seconds = timed(lambda: list(pool.map(lambda _: client.run(target, "bye"), range(args.logins))))
+        add("logins/s 8 parallel", args.logins / seconds)
+    return {row: statistics.median(values) for row, values in rows.items()}
+
+
+def key_benchmarks(args: argparse.Namespace, work: Path) -> dict[str, float]:
+    """kek rotate over many records, dek rotate over many headers, and unwrap latency, on a local OpenBao."""
+    from sftpvault import format as fmt
+    from sftpvault import lifecycle
+    from sftpvault.app import build
+    from sftpvault.config import load
+    from tests.openbao import start_openbao
+
+    bao = start_openbao(work / "bao")
+    try:
+        bao.enable_transit("transit")
+        home = work / "keys-home"
+        home.mkdir()
+        (home / "token").write_text(bao.token)
+        (home / "sftpvault.toml").write_text(
+            f'[keys]\nservice = "transit"\n[transit]\naddress = "{bao.address}"\ntoken_file = "{home / "token"}"\n'
+        )
+        app = build(load(home), actor="bench")
+        app.key_service.startup()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: app.keyring.add_dek(f"u{i}"), range(args.key_records)))
+        results = {f"kek rotate, {args.key_records} DEK records, s": timed(lambda: lifecycle.rotate_kek(app))}
+
+        unwraps = []
+        for _ in range(200):
+            start = time.perf_counter()
+            app.keyring.acquire("u1")
+            unwraps.append(time.perf_counter() - start)
+            app.keyring.release("u1")
+        results["login DEK unwrap via OpenBao, median ms"] = statistics.median(unwraps) * 1000
+
+        keys = app.keyring.acquire("u2")
+        root = app.user_home("u2")
+        for d in range(args.key_headers // 1000 + 1):
+            (root / f"d{d}").mkdir()
+        header, file_key = fmt.new_header(keys.current, keys.current_id)
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        body = fmt.seal_chunk(AESGCM(file_key), header.file_id, 0, True, b"", os.urandom(12))
+        for i in range(args.key_headers):
+            (root / f"d{i // 1000}" / f"f{i}").write_bytes(header.to_bytes() + body)
+        app.keyring.release("u2")
+        results[f"dek rotate, {args.key_headers} file headers, s"] = timed(lambda: lifecycle.rotate_dek(app, "u2"))
+        return results
+    finally:
+        bao.stop()
+
+
+def table(results: dict[str, dict[str, float]], names: list[str]) -> str:
+    rows = list(next(iter(results.values())).keys())
+    ratio_to = [n for n in ("openssh", "rclone-crypt") if n in results and "sftpvault" in results]
+    header = ["measurement", *names, *[f"sftpvault/{n}" for n in ratio_to]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row] + [f"{results[n][row]:.1f}" for n in names]
+        for other in ratio_to:
+            mine, theirs = results["sftpvault"][row], results[other][row]
+            cells.append(f"{mine / theirs:.2f}x" if theirs else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=parse_size, default=parse_size("1G"), help="single-stream file size (1G)")
+    parser.add_argument("--streams", type=int, default=8, help="parallel sessions (8)")
+    parser.add_argument("--small", type=int, default=2000, help="number of 4 KiB files (2000)")
+    parser.add_argument("--logins", type=int, default=100, help="logins per login measurement (100)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is reported (3)")
+    parser.add_argument("--workers", type=int, default=0, help="sftpvault serve --workers (default: its own)")
+    parser.add_argument("--targets", default="sftpvault,openssh,rclone-crypt", help="comma-separated")
+    parser.add_argument("--key-records", type=int, default=10_000, help="DEK records for kek rotate (10000)")
+    parser.add_argument("--key-headers", type=int, default=100_000, help="file headers for dek rotate (100000)")
+    parser.add_argument("--skip-keys", action="store_true", help="skip the key-lifecycle figures")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="sftpvault-bench-", dir=os.environ.get("BENCH_TMP")) as tmp:
+        work = Path(tmp)
+        local = work / "client"
+        local.mkdir()
+        key = work / "id_ed25519"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        make_random_file(local / "big", args.size)
+        for i in range(args.streams):
+            make_random_file(local / f"part{i}", args.size // args.streams)
+        (local / "small").mkdir()
+        for i in range(args.small):
+            (local / "small" / f"s{i:05d}").write_bytes(os.urandom(4096))
+        big_hash = sha256(local / "big")
+        client = Client(key, local)
+
+        kinds = {
+            "sftpvault": lambda: Sftpvault(work, key.with_suffix(".pub"), args.workers),
+            "openssh": lambda: OpenSSH(work, key.with_suffix(".pub")),
+            "rclone-crypt": lambda: RcloneCrypt(work, key.with_suffix(".pub")),
+        }
+        names = [n for n in args.targets.split(",") if n in kinds]
+        if "rclone-crypt" in names and not shutil.which("rclone"):
+            names.remove("rclone-crypt")
+        results: dict[str, dict[str, float]] = {}
+        for name in names:
+            target = kinds[name]()
+            print(f"measuring {name} ...", file=sys.stderr, flush=True)
+            try:
+                target.start()
+                results[name] = measure_target(target, client, args, local, big_hash)
+            finally:
+                target.stop()
+        keys = {} if args.skip_keys else key_benchmarks(args, work)
+
+    cores = os.cpu_count()
+    print(
+        f"\nsftpvault benchmark, {time.strftime('%Y-%m-%d')}, {cores} cores, file {args.size / 2**20:.0f} MiB, "
+        f"{args.streams} streams, {args.small} small files, median of {args.repeat}\n"
+    )
+    print(table(results, names))
+    if keys:
+        print("\n| key operation | value |\n|---|---|")
+        for row, value in keys.items():
+            print(f"| {row} | {value:.1f} |")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "date": time.strftime("%Y-%m-%d"),
+                    "cores": cores,
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "results": results,
+                    "keys": keys,
+                },
+                indent=1,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Several server processes on one port (`serve --workers N`).
+
+One Python process does not scale across cores, so the master forks N
+workers. Each listens on the same port with SO_REUSEPORT (the kernel spreads
+connections over them) and has its own sessions and DEK cache; DEK records
+stay consistent through the keyring's cross-process locks. The master does
+the one-time startup work before forking, forwards SIGTERM/SIGINT, restarts a
+worker that dies, and its workers get SIGTERM if the master itself dies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+from sftpvault.ssh.server import SSHServer, tcp_socket
+
+log = logging.getLogger("sftpvault.ssh")
+_PR_SET_PDEATHSIG = 1
+RESTART_DELAY = 1.0
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _worker(make_server: Callable[[], SSHServer], ready_fd: int) -> int:
+    _die_with_parent()
+    server = make_server()
+    server.bind(reuse_port=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.stop())
+    os.write(ready_fd, b"+")
+    os.close(ready_fd)
+    server.serve_forever()
+    return 0
+
+
+def _spawn(make_server: Callable[[], SSHServer], ready_fd: int) -> int:
+    pid = os.fork()
+    if pid == 0:  # the worker
+        code = 1
+        try:
+            code = _worker(make_server, ready_fd)
+        except BaseException:
+            log.exception("worker %d failed", os.getpid())
+        finally:
+            os._exit(code)
+    return pid
+
+
+def serve_workers(make_server: Callable[[], SSHServer], host: str, port: int, count: int) -> None:
+    """Start `count` workers on host:port and supervise them until SIGTERM/SIGINT.
+
+    The port is reserved first (port 0 picks a free one for all workers).
+    """
+    reserved = tcp_socket(host, port, reuse_port=True)
+    address = reserved.getsockname()[:2]
+    make = _with_port(make_server, address[1])
+    read_fd, write_fd = os.pipe()
+    workers = {_spawn(make, write_fd) for _ in range(count)}
+    for _ in range(count):  # every worker is listening before we say so
+        if not os.read(read_fd, 1):
+            break
+    reserved.close()
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    log.info("sftpvault listening on %s:%d with %d workers", address[0], address[1], count)
+    while workers:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        workers.discard(pid)
+        if not stopping:
+            log.error("worker %d exited (%s); starting another", pid, os.waitstatus_to_exitcode(status))
+            time.sleep(RESTART_DELAY)
+            workers.add(_spawn(make, write_fd))
+    os.close(read_fd)
+    os.close(write_fd)
+    log.info("stopped: all workers finished")
+
+
+def _with_port(make_server: Callable[[], SSHServer], port: int) -> Callable[[], SSHServer]:
+    def make() -> SSHServer:
+        server = make_server()
+        server.settings.port = port
+        return server
+
+    return make
