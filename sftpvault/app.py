@@ -11,8 +11,13 @@ from pathlib import Path
 
 from sftpvault.audit import AuditLog
 from sftpvault.auth.base import AuthBackend
+from sftpvault.auth.certs import CertificateAuthority
 from sftpvault.auth.embedded import UserStore, check_user_name
+from sftpvault.auth.keysdir import AuthorizedKeysDir
+from sftpvault.auth.ldap import LdapBackend, LdapOptions
+from sftpvault.auth.pam import PamBackend
 from sftpvault.config import Settings
+from sftpvault.errors import ConfigError
 from sftpvault.fsutil import private_dir
 from sftpvault.keyring import Keyring, UserKeys
 from sftpvault.keyservice.base import KeyService
@@ -29,9 +34,8 @@ class App:
     keyring: Keyring
     users: UserStore
 
-    @property
-    def backends(self) -> list[AuthBackend]:
-        return [self.users]
+    backends: list[AuthBackend]
+    ca: CertificateAuthority | None
 
     def user_home(self, user: str) -> Path:
         return private_dir(self.settings.data_dir / check_user_name(user))
@@ -66,9 +70,49 @@ def key_services(settings: Settings) -> dict[str, KeyService]:
     return services
 
 
+def auth_backends(settings: Settings, users: UserStore) -> list[AuthBackend]:
+    """The configured backends, in the configured order."""
+    backends: list[AuthBackend] = []
+    for name in settings.auth.backends:
+        if name == "embedded":
+            backends.append(users)
+        elif name == "ldap":
+            backends.append(LdapBackend(ldap_options(settings)))
+        elif name == "pam":
+            backends.append(PamBackend(settings.pam.service))
+        else:
+            backends.append(AuthorizedKeysDir(Path(settings.auth.authorized_keys_dir)))
+    return backends
+
+
+def ldap_options(settings: Settings) -> LdapOptions:
+    s = settings.ldap
+    password = ""
+    if s.bind_password_file:
+        try:
+            password = Path(s.bind_password_file).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"ldap.bind_password_file: {exc.strerror}") from None
+    return LdapOptions(
+        s.url,
+        s.start_tls,
+        s.ca_file,
+        s.user_dn_template,
+        s.search_base,
+        s.search_filter,
+        s.bind_dn,
+        password,
+        s.required_group,
+        s.ssh_key_attribute,
+        s.timeout,
+    )
+
+
 def build(settings: Settings, actor: str | None = None) -> App:
     services = key_services(settings)
-    keyring = Keyring(
-        settings.keys_dir, services, settings.keys.service, AuditLog(settings.keys_dir / "audit.jsonl", actor)
-    )
-    return App(settings, keyring.service, keyring, UserStore(settings.users_file))
+    audit = AuditLog(settings.keys_dir / "audit.jsonl", actor)
+    keyring = Keyring(settings.keys_dir, services, settings.keys.service, audit)
+    users = UserStore(settings.users_file)
+    ca_file = settings.auth.trusted_user_ca_keys
+    ca = CertificateAuthority(Path(ca_file)) if ca_file else None
+    return App(settings, keyring.service, keyring, users, auth_backends(settings, users), ca)

@@ -69,6 +69,47 @@ class MoVaultSettings:
 
 
 @dataclass
+class AuthSettings:
+    backends: list[str] = field(default_factory=lambda: ["embedded"])
+    authorized_keys_dir: str = ""
+    trusted_user_ca_keys: str = ""
+    methods: list[str] = field(default_factory=lambda: ["publickey", "password"])
+    user_methods: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class LdapSettings:
+    url: str = ""
+    start_tls: bool = False
+    ca_file: str = ""
+    user_dn_template: str = ""
+    search_base: str = ""
+    search_filter: str = "(&(objectClass=posixAccount)(uid={user}))"
+    bind_dn: str = ""
+    bind_password_file: str = ""
+    required_group: str = ""
+    ssh_key_attribute: str = "sshPublicKey"
+    timeout: float = 5.0
+
+
+@dataclass
+class PamSettings:
+    service: str = "sftpvault"
+
+
+@dataclass
+class DefenderSettings:
+    enabled: bool = True
+    threshold: float = 10.0
+    decay_seconds: float = 60.0
+    ban_seconds: float = 300.0
+    max_ban_seconds: float = 3600.0
+    max_unauthenticated_per_source: int = 10
+    max_unauthenticated: int = 100
+    failed_auth_delay: float = 0.3
+
+
+@dataclass
 class LogSettings:
     level: str = "info"
     file: str = ""
@@ -81,6 +122,10 @@ class Settings:
     keys: KeySettings = field(default_factory=KeySettings)
     transit: TransitSettings = field(default_factory=TransitSettings)
     movault: MoVaultSettings = field(default_factory=MoVaultSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    ldap: LdapSettings = field(default_factory=LdapSettings)
+    pam: PamSettings = field(default_factory=PamSettings)
+    defender: DefenderSettings = field(default_factory=DefenderSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     @property
@@ -112,9 +157,14 @@ _SECTIONS = {
     "keys": KeySettings,
     "transit": TransitSettings,
     "movault": MoVaultSettings,
+    "auth": AuthSettings,
+    "ldap": LdapSettings,
+    "pam": PamSettings,
+    "defender": DefenderSettings,
     "log": LogSettings,
 }
 SERVICES = ("embedded", "transit", "movault")
+BACKENDS = ("embedded", "ldap", "pam", "authorized_keys")
 
 
 def _check_section(name: str, cls: type, values: Any) -> Any:
@@ -157,6 +207,16 @@ def validate(settings: Settings) -> Settings:
         section = getattr(settings, name)
         if section.timeout <= 0 or not 0 <= section.retries <= 10:
             raise ConfigError(f"{name}.timeout must be > 0 and {name}.retries 0-10")
+    unknown = [b for b in settings.auth.backends if b not in BACKENDS]
+    if unknown or not settings.auth.backends:
+        raise ConfigError(f"auth.backends may list {', '.join(BACKENDS)}, not {unknown or 'nothing'}")
+    rules = [*settings.auth.methods, *(r for rs in settings.auth.user_methods.values() for r in rs)]
+    if not settings.auth.methods or any(m not in ("publickey", "password") for r in rules for m in r.split(",")):
+        raise ConfigError('auth.methods rules are lists like ["publickey", "publickey,password"]')
+    if "ldap" in settings.auth.backends and not settings.ldap.url:
+        raise ConfigError("auth.backends lists ldap but ldap.url is not set")
+    if "authorized_keys" in settings.auth.backends and not settings.auth.authorized_keys_dir:
+        raise ConfigError("auth.backends lists authorized_keys but auth.authorized_keys_dir is not set")
     if settings.log.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log.level must be debug, info, warning or error, not {settings.log.level!r}")
     return settings
@@ -233,6 +293,59 @@ secret_path = "sftpvault"
 ca_file = ""
 timeout = 5.0
 retries = 2
+
+[auth]
+# Backends asked in this order; the first that accepts a password or key wins:
+# "embedded" (users.json), "ldap", "pam", "authorized_keys" (keys only, from authorized_keys_dir).
+backends = ["embedded"]
+# Directory of OpenSSH authorized_keys files, one per user name (from= and expiry-time= honoured).
+authorized_keys_dir = ""
+# File of CA public keys trusted to sign user certificates (like sshd's TrustedUserCAKeys).
+trusted_user_ca_keys = ""
+# Ways to log in, like sshd's AuthenticationMethods: any one rule suffices; a rule
+# "publickey,password" needs both, in that order. Per-user rules: [auth.user_methods].
+methods = ["publickey", "password"]
+
+[auth.user_methods]
+# alice = ["publickey,password"]
+
+[ldap]
+# ldap://host:389 (with start_tls = true) or ldaps://host:636; ca_file verifies the server.
+url = ""
+start_tls = false
+ca_file = ""
+# Either a DN template ...
+user_dn_template = ""
+# ... or a search with a service account ({user} is escaped).
+search_base = ""
+search_filter = "(&(objectClass=posixAccount)(uid={user}))"
+bind_dn = ""
+bind_password_file = ""
+# Only members of this group (member, uniqueMember or memberUid) may log in.
+required_group = ""
+# Attribute holding OpenSSH public keys (openssh-lpk schema).
+ssh_key_attribute = "sshPublicKey"
+timeout = 5.0
+
+[pam]
+# PAM service name: install /etc/pam.d/<service> (see README).
+service = "sftpvault"
+
+[defender]
+# Per-source penalties: every connection that ends without logging in (refused attempts, unknown
+# user, or no attempt at all) costs its source 1 point; a point expires after decay_seconds.
+# At threshold the source is refused for ban_seconds (doubling for repeat offenders, up to
+# max_ban_seconds).
+enabled = true
+threshold = 10.0
+decay_seconds = 60.0
+ban_seconds = 300.0
+max_ban_seconds = 3600.0
+# Unauthenticated connections held at once, per source and in all.
+max_unauthenticated_per_source = 10
+max_unauthenticated = 100
+# Every failed password check takes at least this long (seconds), known user or not.
+failed_auth_delay = 0.3
 
 [log]
 # debug, info, warning or error; file "" logs to stderr.

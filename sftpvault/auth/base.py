@@ -1,13 +1,15 @@
 """The authentication-backend interface.
 
 A backend answers two questions about a login name: does this password match,
-and which public keys may log in. The SSH layer asks the configured backends in
-order; later issues add LDAP and PAM behind the same interface.
+and which public keys may log in. The SSH layer asks the configured backends
+in their configured order (`auth.backends`); the first that accepts wins.
 """
 
 from __future__ import annotations
 
 import abc
+
+from sftpvault.auth.keys import AuthorizedKey
 
 
 class AuthBackend(abc.ABC):
@@ -15,8 +17,14 @@ class AuthBackend(abc.ABC):
 
     @abc.abstractmethod
     def check_password(self, user: str, password: str) -> bool:
-        """True only if `user` exists and `password` is theirs (constant effort either way)."""
+        """True only if `user` exists here and `password` is theirs."""
 
-    @abc.abstractmethod
-    def authorized_key_blobs(self, user: str) -> set[bytes]:
-        """SSH wire-format public keys that may log in as `user` (empty if unknown)."""
+    def authorized_keys(self, user: str) -> list[AuthorizedKey]:
+        """Public keys that may log in as `user` (none if unknown or not supported)."""
+        return []
+
+
+def acceptable_password(password: str) -> bool:
+    """Empty, blank or NUL-containing passwords never reach a backend (an empty LDAP
+    password is an unauthenticated bind that many servers accept)."""
+    return bool(password.strip()) and "\x00" not in password

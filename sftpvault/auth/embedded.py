@@ -8,7 +8,6 @@ the CLI can edit users while the server runs; the server re-reads on change.
 from __future__ import annotations
 
 import base64
-import binascii
 import fcntl
 import hashlib
 import hmac
@@ -23,20 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from sftpvault.auth.base import AuthBackend
+from sftpvault.auth.keys import AuthorizedKey, parse_authorized_key
 from sftpvault.errors import UserError
 from sftpvault.fsutil import atomic_write
 
 USER_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
-_KEY_TYPES = (
-    "ssh-ed25519",
-    "ecdsa-sha2-nistp256",
-    "ecdsa-sha2-nistp384",
-    "ecdsa-sha2-nistp521",
-    "ssh-rsa",
-    "sk-ssh-ed25519@openssh.com",
-    "sk-ecdsa-sha2-nistp256@openssh.com",
-)
 
 
 def check_user_name(name: str) -> str:
@@ -62,20 +53,6 @@ def verify_password(encoded: str, password: str) -> bool:
 _DUMMY_HASH = hash_password(os.urandom(16).hex())  # unknown users cost the same as known ones
 
 
-def parse_public_key(line: str) -> tuple[str, bytes]:
-    """(normalised line, wire blob) of one authorized_keys line without options."""
-    parts = line.strip().split()
-    if len(parts) < 2 or parts[0] not in _KEY_TYPES:
-        raise UserError("not an OpenSSH public key line (expected e.g. 'ssh-ed25519 AAAA... comment')")
-    try:
-        blob = base64.b64decode(parts[1], validate=True)
-    except binascii.Error:
-        raise UserError("public key is not valid base64") from None
-    if not blob.startswith(len(parts[0]).to_bytes(4, "big") + parts[0].encode()):
-        raise UserError("public key type does not match its data")
-    return " ".join(parts[:3]), blob
-
-
 class UserStore(AuthBackend):
     """Users kept in a JSON file next to the keys."""
 
@@ -94,9 +71,9 @@ class UserStore(AuthBackend):
         matched = verify_password(encoded or _DUMMY_HASH, password)
         return bool(encoded) and matched
 
-    def authorized_key_blobs(self, user: str) -> set[bytes]:
+    def authorized_keys(self, user: str) -> list[AuthorizedKey]:
         record = self._users().get(user)
-        return {parse_public_key(line)[1] for line in record.get("keys", [])} if record else set()
+        return [parse_authorized_key(line) for line in record.get("keys", [])] if record else []
 
     # -- administration ------------------------------------------------------------
 
@@ -108,7 +85,7 @@ class UserStore(AuthBackend):
 
     def add(self, user: str, password: str | None, keys: list[str]) -> None:
         check_user_name(user)
-        lines = [parse_public_key(k)[0] for k in keys]
+        lines = [parse_authorized_key(k).line for k in keys]
         with self._editing() as users:
             if user in users:
                 raise UserError(f"user {user!r} already exists")
@@ -128,11 +105,11 @@ class UserStore(AuthBackend):
             self._require(users, user)["password"] = hash_password(password)
 
     def add_key(self, user: str, key_line: str) -> None:
-        line, blob = parse_public_key(key_line)
+        key = parse_authorized_key(key_line)
         with self._editing() as users:
             record = self._require(users, user)
-            if blob not in {parse_public_key(k)[1] for k in record["keys"]}:
-                record["keys"].append(line)
+            if key.blob not in {parse_authorized_key(k).blob for k in record["keys"]}:
+                record["keys"].append(key.line)
 
     @staticmethod
     def _require(users: dict[str, Any], user: str) -> dict[str, Any]:

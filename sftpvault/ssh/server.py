@@ -17,7 +17,9 @@ import paramiko
 
 from sftpvault import __version__
 from sftpvault.app import App
+from sftpvault.auth.defender import Defender
 from sftpvault.sftp.session import SFTPSession
+from sftpvault.ssh import paramiko_compat
 from sftpvault.ssh.connection import Connection
 from sftpvault.ssh.hostkeys import load_host_keys
 
@@ -68,6 +70,8 @@ class SSHServer:
         self.app = app
         self.settings = app.settings.server
         self.host_keys = load_host_keys(app.settings.keys_dir)
+        paramiko_compat.install()
+        self.defender = Defender(app.settings.defender)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._connections: set[Connection] = set()
@@ -123,11 +127,23 @@ class SSHServer:
 
     def _serve_connection(self, client: socket.socket, peer: str) -> None:
         client.settimeout(None)
+        ip = peer.rsplit(":", 1)[0]
         with self._lock:
-            if len(self._connections) >= self.settings.max_connections:
-                log.warning("refused %s: %d connections already", peer, len(self._connections))
-                client.close()
-                return
+            full = len(self._connections) >= self.settings.max_connections
+        refused = f"{self.settings.max_connections} connections already" if full else self.defender.admit(ip)
+        if refused:
+            log.warning("refused %s: %s", peer, refused)
+            client.close()
+            return
+        outcome = "noauth"
+        try:
+            outcome = self._serve_admitted(client, peer)
+        finally:
+            if outcome != "login":  # as OpenSSH's PerSourcePenalties: one penalty per failed connection
+                self.defender.closed_unauthenticated(ip, outcome)
+
+    def _serve_admitted(self, client: socket.socket, peer: str) -> str:
+        """Run one connection to its end: "login", "authfail" (refused attempts) or "noauth"."""
         transport = paramiko.Transport(
             client, default_window_size=self.settings.window_size, default_max_packet_size=self.settings.max_packet_size
         )
@@ -135,7 +151,7 @@ class SSHServer:
         for key in self.host_keys:
             transport.add_server_key(key)
         transport.set_subsystem_handler("sftp", SFTPSession)
-        conn = Connection(self.app, transport, peer)
+        conn = Connection(self.app, transport, peer, self.defender)
         with self._lock:
             self._connections.add(conn)
         try:
@@ -153,3 +169,4 @@ class SSHServer:
             finally:
                 with self._lock:
                     self._connections.discard(conn)
+        return "login" if conn.username else "authfail" if conn.failures else "noauth"

@@ -1,0 +1,168 @@
+"""LDAP authentication with ldap3: bind as the user to check the password.
+
+The user's DN comes from a template (`uid={user},ou=people,dc=example,dc=org`)
+or from a search with a service account (user input escaped with ldap3's
+filter escaping). Optionally only members of one group may log in, and SSH
+public keys are read from the user's `sshPublicKey` attribute (openssh-lpk),
+so batch users can be managed entirely in the directory. A slow or dead
+server costs at most the timeout; the login is then refused and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import ssl
+import threading
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import ldap3
+from ldap3.core.exceptions import LDAPException
+from ldap3.utils.conv import escape_filter_chars
+from ldap3.utils.dn import escape_rdn
+
+from sftpvault.auth.base import AuthBackend, acceptable_password
+from sftpvault.auth.keys import AuthorizedKey, parse_authorized_key
+from sftpvault.errors import ConfigError, UserError
+
+log = logging.getLogger("sftpvault.auth")
+
+
+@dataclass(frozen=True)
+class LdapOptions:
+    url: str
+    start_tls: bool = False
+    ca_file: str = ""
+    user_dn_template: str = ""
+    search_base: str = ""
+    search_filter: str = "(&(objectClass=posixAccount)(uid={user}))"
+    bind_dn: str = ""
+    bind_password: str = ""
+    required_group: str = ""
+    ssh_key_attribute: str = "sshPublicKey"
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class LdapUser:
+    dn: str
+    keys: tuple[str, ...]
+
+
+class LdapBackend(AuthBackend):
+    name = "ldap"
+
+    def __init__(self, options: LdapOptions) -> None:
+        if not options.user_dn_template and not options.search_base:
+            raise ConfigError("ldap: set user_dn_template or search_base")
+        self.options = options
+        parsed = urlparse(options.url)
+        if parsed.scheme not in ("ldap", "ldaps") or not parsed.hostname:
+            raise ConfigError(f"ldap.url must be ldap://host[:port] or ldaps://host[:port], not {options.url!r}")
+        tls = ldap3.Tls(ca_certs_file=options.ca_file or None, validate=ssl.CERT_REQUIRED)
+        self.timeout = max(1, math.ceil(options.timeout))  # ldap3 packs timeouts into socket options as ints
+        self.server = ldap3.Server(
+            parsed.hostname,
+            port=parsed.port,
+            use_ssl=parsed.scheme == "ldaps",
+            tls=tls,
+            connect_timeout=self.timeout,
+            get_info=ldap3.NONE,
+        )
+        self._service: ldap3.Connection | None = None
+        self._lock = threading.Lock()
+
+    # -- AuthBackend -----------------------------------------------------------
+
+    def check_password(self, user: str, password: str) -> bool:
+        if not acceptable_password(password):
+            return False
+        try:
+            found = self._find(user)
+            if found is None:
+                return False
+            connection = self._connection(found.dn, password)
+            try:
+                return bool(connection.bind())
+            finally:
+                connection.unbind()
+        except LDAPException as exc:
+            log.warning("ldap: cannot check %r (%s): login refused", user, exc.__class__.__name__)
+            return False
+
+    def authorized_keys(self, user: str) -> list[AuthorizedKey]:
+        try:
+            found = self._find(user)
+        except LDAPException as exc:
+            log.warning("ldap: cannot read keys of %r (%s): login refused", user, exc.__class__.__name__)
+            return []
+        keys = []
+        for line in found.keys if found else ():
+            try:
+                keys.append(parse_authorized_key(line))
+            except UserError as exc:
+                log.warning("ldap: ignoring a key of %r: %s", user, exc)
+        return keys
+
+    # -- directory -------------------------------------------------------------
+
+    def _connection(self, dn: str, password: str) -> ldap3.Connection:
+        connection = ldap3.Connection(
+            self.server,
+            user=dn,
+            password=password,
+            receive_timeout=self.timeout,
+            read_only=True,
+            raise_exceptions=False,
+        )
+        connection.open()
+        if self.options.start_tls:
+            connection.start_tls()
+        return connection
+
+    def _service_connection(self) -> ldap3.Connection:
+        """A reused, bound connection for searches (rebuilt after a failure)."""
+        if self._service is None or self._service.closed:
+            connection = self._connection(self.options.bind_dn, self.options.bind_password)
+            if not connection.bind():
+                raise LDAPException("the service account cannot bind")
+            self._service = connection
+        return self._service
+
+    def _find(self, user: str) -> LdapUser | None:
+        """The user's DN and keys, or None if unknown or not in the required group."""
+        attribute = self.options.ssh_key_attribute
+        with self._lock:
+            try:
+                return self._search(user, attribute)
+            except LDAPException:
+                if self._service is not None:
+                    self._service.unbind()
+                    self._service = None
+                raise
+
+    def _search(self, user: str, attribute: str) -> LdapUser | None:
+        connection = self._service_connection()
+        if self.options.user_dn_template:
+            dn = self.options.user_dn_template.format(user=escape_rdn(user))
+            ok = connection.search(dn, "(objectClass=*)", search_scope=ldap3.BASE, attributes=[attribute])
+        else:
+            query = self.options.search_filter.format(user=escape_filter_chars(user))
+            ok = connection.search(self.options.search_base, query, attributes=[attribute])
+        if not ok or len(connection.entries) != 1:
+            return None
+        entry = connection.entries[0]
+        dn = entry.entry_dn
+        if self.options.required_group and not self._is_member(connection, dn, user):
+            log.info("ldap: %r is not in %s", user, self.options.required_group)
+            return None
+        values = entry[attribute].values if attribute in entry else []
+        return LdapUser(dn, tuple(v.decode() if isinstance(v, bytes) else str(v) for v in values))
+
+    def _is_member(self, connection: ldap3.Connection, dn: str, user: str) -> bool:
+        query = (
+            f"(|(member={escape_filter_chars(dn)})(uniqueMember={escape_filter_chars(dn)})"
+            f"(memberUid={escape_filter_chars(user)}))"
+        )
+        return bool(connection.search(self.options.required_group, query, search_scope=ldap3.BASE))
