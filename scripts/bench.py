@@ -55,23 +55,27 @@ def wait_port(port: int, proc: subprocess.Popen, seconds: float = 30) -> None:
     raise RuntimeError("server did not start")
 
 
-def process_tree_rss(pid: int) -> int:
-    """Resident bytes of `pid` and all its descendants."""
-    total, todo = 0, [pid]
+def largest_process_rss(pid: int) -> int:
+    """Resident bytes of the largest process among `pid` and its descendants.
+
+    Per process, not summed: forked workers share copy-on-write pages that a
+    sum would count once per process (and the targets are per worker).
+    """
+    largest, todo = 0, [pid]
     while todo:
         current = todo.pop()
         try:
             status = Path(f"/proc/{current}/status").read_text()
-            total += int(status.split("VmRSS:")[1].split()[0]) * 1024 if "VmRSS:" in status else 0
+            largest = max(largest, int(status.split("VmRSS:")[1].split()[0]) * 1024 if "VmRSS:" in status else 0)
             for task in Path(f"/proc/{current}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, ValueError, IndexError):
             continue
-    return total
+    return largest
 
 
 class RssSampler:
-    """Peak resident memory of a server's process tree while a measurement runs."""
+    """Peak resident memory of the largest server process while a measurement runs."""
 
     def __init__(self, pid: int) -> None:
         self.pid, self.peak, self._stop = pid, 0, threading.Event()
@@ -87,7 +91,7 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, process_tree_rss(self.pid))
+            self.peak = max(self.peak, largest_process_rss(self.pid))
             self._stop.wait(0.05)
 
 
@@ -279,7 +283,7 @@ def measure_target(
             add("upload MB/s", args.size / MB / timed(lambda r=remote: client.run(target, f"put big {r}")))
             get = f"get {remote} {down.name}"
             add("download MB/s", args.size / MB / timed(lambda g=get: client.run(target, g)))
-        add("peak RSS single-stream MiB", rss.peak / 2**20)
+        add("peak RSS per process, single stream, MiB", rss.peak / 2**20)
         if sha256(down) != big_hash:
             raise RuntimeError(f"{target.name}: downloaded file differs")
         down.unlink()

@@ -25,6 +25,7 @@ from sftpvault.vfs.openfile import OpenFile, OpenMode
 
 log = logging.getLogger("sftpvault.sftp")
 READDIR_BATCH = 100
+RECV_SIZE = 2 * 1024 * 1024  # one recv usually empties paramiko's buffer; bigger only costs memory
 
 _ERRNO_STATUS = {
     errno.ENOENT: p.NO_SUCH_FILE,
@@ -89,6 +90,8 @@ class SFTPSession(paramiko.SubsystemHandler):
         self.files: dict[bytes, OpenFile] = {}
         self.dirs: dict[bytes, list[tuple[str, Attrs]]] = {}
         self._next_handle = 0
+        self._inbuf = bytearray()  # received, not yet parsed: at most one packet plus one recv
+        self._pos = 0
         server.sessions.add(self)
         self._closing = threading.Lock()
         self._handlers: dict[int, Callable[[int, p.Reader], bytes]] = {
@@ -166,23 +169,31 @@ class SFTPSession(paramiko.SubsystemHandler):
                 self.fs.close()
                 self.fs = None
 
-    def _recv_exact(self, n: int) -> bytes:
-        first = self.channel.recv(n)
-        if len(first) == n:
-            return first
-        buf = bytearray(first)
-        while len(buf) < n:
-            if not first:
+    def _fill(self, need: int) -> None:
+        """Have at least `need` unread bytes in our input buffer.
+
+        We take everything the channel holds in one recv: paramiko's channel
+        buffer shifts all it still holds on every partial read, which made
+        small reads (a 4-byte length, then the body) the top cost of uploads.
+        """
+        while len(self._inbuf) - self._pos < need:
+            chunk = self.channel.recv(RECV_SIZE)
+            if not chunk:
                 raise EOFError("channel closed")
-            first = self.channel.recv(n - len(buf))
-            buf += first
-        return bytes(buf)
+            if self._pos:
+                del self._inbuf[: self._pos]
+                self._pos = 0
+            self._inbuf += chunk
 
     def _read_packet(self) -> tuple[int, bytes]:
-        (length,) = p.U32.unpack(self._recv_exact(4))
+        self._fill(4)
+        (length,) = p.U32.unpack_from(self._inbuf, self._pos)
         if length == 0 or length > p.MAX_PACKET:
             raise p.ProtocolError(f"packet of {length} bytes refused")
-        body = self._recv_exact(length)
+        self._fill(4 + length)
+        start = self._pos + 4
+        body = bytes(self._inbuf[start : start + length])
+        self._pos = start + length
         return body[0], body
 
     def _dispatch(self, kind: int, body: bytes) -> bytes:
