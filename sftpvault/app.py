@@ -14,7 +14,7 @@ from sftpvault.auth.base import AuthBackend
 from sftpvault.auth.certs import CertificateAuthority
 from sftpvault.auth.embedded import UserStore, check_user_name
 from sftpvault.auth.keysdir import AuthorizedKeysDir
-from sftpvault.auth.ldap import LdapBackend, LdapOptions
+from sftpvault.auth.ldap import LdapBackend
 from sftpvault.auth.pam import PamBackend
 from sftpvault.config import Settings
 from sftpvault.errors import ConfigError
@@ -77,7 +77,7 @@ def auth_backends(settings: Settings, users: UserStore) -> list[AuthBackend]:
         if name == "embedded":
             backends.append(users)
         elif name == "ldap":
-            backends.append(LdapBackend(ldap_options(settings)))
+            backends.append(LdapBackend(settings.ldap, ldap_bind_password(settings)))
         elif name == "pam":
             backends.append(PamBackend(settings.pam.service))
         else:
@@ -85,27 +85,14 @@ def auth_backends(settings: Settings, users: UserStore) -> list[AuthBackend]:
     return backends
 
 
-def ldap_options(settings: Settings) -> LdapOptions:
-    s = settings.ldap
-    password = ""
-    if s.bind_password_file:
-        try:
-            password = Path(s.bind_password_file).read_text().rstrip("\r\n")
-        except OSError as exc:
-            raise ConfigError(f"ldap.bind_password_file: {exc.strerror}") from None
-    return LdapOptions(
-        s.url,
-        s.start_tls,
-        s.ca_file,
-        s.user_dn_template,
-        s.search_base,
-        s.search_filter,
-        s.bind_dn,
-        password,
-        s.required_group,
-        s.ssh_key_attribute,
-        s.timeout,
-    )
+def ldap_bind_password(settings: Settings) -> str:
+    """The LDAP service account's password, from its file (never from the config itself or argv)."""
+    if not settings.ldap.bind_password_file:
+        return ""
+    try:
+        return Path(settings.ldap.bind_password_file).read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"ldap.bind_password_file: {exc.strerror}") from None
 
 
 def build(settings: Settings, actor: str | None = None) -> App:

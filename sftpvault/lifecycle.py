@@ -31,6 +31,10 @@ class Outcome:
     done: int = 0
     failed: list[str] = field(default_factory=list)
 
+    def fail(self, app: App, action: str, user: str, dek_id: str, exc: KeyServiceError) -> None:
+        self.failed.append(f"{user}/{dek_id}: {exc}")
+        app.keyring.audit.record(action, "error", user=user, dek_id=dek_id, error=str(exc))
+
 
 def kek_status(app: App) -> dict[str, Any]:
     """The active service's KEK and how many DEKs sit on each (service, version)."""
@@ -73,8 +77,7 @@ def rewrap_all(app: App, progress: Progress = _no_progress) -> Outcome:
                 raise result
             outcome.done += keyring.replace_wrapped(user, dek_id, entry.wrapped, result, "kek.rewrap")
         except KeyServiceError as exc:
-            outcome.failed.append(f"{user}/{dek_id}: {exc}")
-            keyring.audit.record("kek.rewrap", "error", user=user, dek_id=dek_id, error=str(exc))
+            outcome.fail(app, "kek.rewrap", user, dek_id, exc)
         progress(1)
     return outcome
 
@@ -114,8 +117,7 @@ def migrate(app: App, target_id: str, progress: Progress = _no_progress) -> Outc
                     moved = target.wrap(dek, user.encode())
                     outcome.done += keyring.replace_wrapped(user, dek_id, entry.wrapped, moved, "kek.migrate")
                 except KeyServiceError as exc:
-                    outcome.failed.append(f"{user}/{dek_id}: {exc}")
-                    keyring.audit.record("kek.migrate", "error", user=user, dek_id=dek_id, error=str(exc))
+                    outcome.fail(app, "kek.migrate", user, dek_id, exc)
             progress(1)
     return outcome
 

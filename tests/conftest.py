@@ -116,6 +116,28 @@ class Vault:
         batch.write_text("\n".join(commands) + "\n")
         return self._openssh("sftp", [*opts, "-b", str(batch), f"{user}@127.0.0.1"], check)
 
+    def sftp_with_password(
+        self, user: str, password: str, commands: str, *opts: str, key: bool = False
+    ) -> subprocess.CompletedProcess:
+        """Interactive OpenSSH sftp typing `password` through SSH_ASKPASS (batch mode allows no password).
+
+        The commands come on stdin; with key=False no public key is offered.
+        """
+        askpass = self.work / "askpass"
+        askpass.write_text(f"#!/bin/sh\necho '{password}'\n")
+        askpass.chmod(0o700)
+        env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0"}
+        key_opts = ["-i", str(self.key)] if key else ["-o", "PubkeyAuthentication=no"]
+        return subprocess.run(
+            ["sftp", "-P", str(self.port), *SSH_OPTS[:4], *key_opts, *opts, f"{user}@127.0.0.1"],
+            env=env,
+            input=commands,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=self.work,
+        )
+
     def scp(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self._openssh("scp", list(args), check)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -20,6 +21,7 @@ class MoVault:
     def __init__(self) -> None:
         self.keys: dict[tuple[str, int], rsa.RSAPrivateKey] = {}
         self.calls: list[str] = []
+        self.delay = 0.0  # seconds to stall every answer: a slow key service
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -34,6 +36,7 @@ class MoVault:
 
     def answer(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(path)
+        time.sleep(self.delay)
         secret = body.get("secret_path")
         if path == "/gen/key/rsa":
             version = 1 + max((v for (p, v) in self.keys if p == secret), default=0)

@@ -44,29 +44,36 @@ class OpenBao:
             self.proc.wait(30)
 
 
-def start_openbao(home: Path) -> OpenBao:
+def start_openbao(home: Path, attempts: int = 3) -> OpenBao:
+    """Start a dev server; retried on a fresh port, since it also binds port+1 (its cluster
+    listener), which free_port() does not reserve and another test server may hold."""
     home.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for _ in range(attempts):
+        bao = _try_start(home)
+        if isinstance(bao, OpenBao):
+            return bao
+        failures.append(bao)
+    raise AssertionError("OpenBao did not start:\n" + "\n---\n".join(failures))
+
+
+def _try_start(home: Path) -> OpenBao | str:
     token = secrets.token_hex(16)
     port = free_port()
     # the root token reaches the dev server by environment, never by argv
-    env = {
-        **os.environ,
-        "HOME": str(home),
-        "BAO_DEV_ROOT_TOKEN_ID": token,
-        "BAO_DEV_LISTEN_ADDRESS": f"127.0.0.1:{port}",
-    }
-    log = (home / "bao.log").open("wb")
-    proc = subprocess.Popen([bao_binary(), "server", "-dev"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "HOME": str(home), "BAO_DEV_ROOT_TOKEN_ID": token,
+           "BAO_DEV_LISTEN_ADDRESS": f"127.0.0.1:{port}"}
+    log_path = home / f"bao-{port}.log"
+    proc = subprocess.Popen([bao_binary(), "server", "-dev"], env=env, stdout=log_path.open("wb"),
+                            stderr=subprocess.STDOUT)
     bao = OpenBao(f"http://127.0.0.1:{port}", token, proc, home)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             if requests.get(f"{bao.address}/v1/sys/health", timeout=1).status_code == 200:
                 return bao
         except requests.ConnectionError:
             pass
-        if proc.poll() is not None:
-            raise AssertionError((home / "bao.log").read_text())
         time.sleep(0.1)
     bao.stop()
-    raise AssertionError("OpenBao did not start")
+    return log_path.read_text()[-2000:]

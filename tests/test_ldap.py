@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,8 +9,9 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from sftpvault.auth.ldap import LdapBackend, LdapOptions
-from tests.conftest import SSH_OPTS, Vault, make_vault
+from sftpvault.auth.ldap import LdapBackend
+from sftpvault.config import LdapSettings
+from tests.conftest import Vault, make_vault
 from tests.slapd import ADMIN_DN, SUFFIX, Slapd, start_slapd
 
 PASSWORDS = {"alice": "alice-pass-1", "bob": "bob-pass-2", "carol": "carol-pass-3", "svc": "service-pass"}
@@ -103,18 +102,7 @@ def test_ssh_key_from_ldap_with_openssh(ldap_vault: Vault) -> None:
 
 
 def test_ldap_password_with_openssh(ldap_vault: Vault) -> None:
-    askpass = ldap_vault.work / "askpass"
-    askpass.write_text(f"#!/bin/sh\necho '{PASSWORDS['alice']}'\n")
-    askpass.chmod(0o700)
-    env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0"}
-    out = subprocess.run(
-        ["sftp", "-P", str(ldap_vault.port), *SSH_OPTS[:4], "-o", "PubkeyAuthentication=no", "alice@127.0.0.1"],
-        env=env,
-        input="pwd\nbye\n",
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = ldap_vault.sftp_with_password("alice", PASSWORDS["alice"], "pwd\nbye\n")
     assert out.returncode == 0 and "Remote working directory: /" in out.stdout
 
 
@@ -129,14 +117,8 @@ def test_ldap_stopped_mid_run(ldap_vault: Vault, slapd: Slapd) -> None:
 
 
 def test_dn_template_mode(slapd: Slapd) -> None:
-    backend = LdapBackend(
-        LdapOptions(
-            url=slapd.url,
-            user_dn_template=f"uid={{user}},ou=people,{SUFFIX}",
-            bind_dn=ADMIN_DN,
-            bind_password=slapd.admin_password,
-        )
-    )
+    settings = LdapSettings(url=slapd.url, user_dn_template=f"uid={{user}},ou=people,{SUFFIX}", bind_dn=ADMIN_DN)
+    backend = LdapBackend(settings, slapd.admin_password)
     assert backend.check_password("alice", PASSWORDS["alice"])
     assert backend.check_password("bob", PASSWORDS["bob"])  # no group required here
     assert not backend.check_password("alice", PASSWORDS["bob"])

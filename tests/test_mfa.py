@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import paramiko
 import pytest
 
-from tests.conftest import PASSWORD, SSH_OPTS, Vault
+from tests.conftest import PASSWORD, Vault
 
 
 @pytest.fixture
@@ -58,18 +57,7 @@ def test_a_key_counts_only_once_its_signature_verified(mfa_vault: Vault, client_
 
 
 def test_openssh_with_key_and_password(mfa_vault: Vault, client_key: Path) -> None:
-    askpass = mfa_vault.work / "askpass"
-    askpass.write_text(f"#!/bin/sh\necho '{PASSWORD}'\n")
-    askpass.chmod(0o700)
-    env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0"}
-    out = subprocess.run(
-        ["sftp", "-P", str(mfa_vault.port), "-i", str(client_key), *SSH_OPTS[:4], "demo@127.0.0.1"],
-        env=env,
-        input="pwd\nbye\n",
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = mfa_vault.sftp_with_password("demo", PASSWORD, "pwd\nbye\n", key=True)
     assert out.returncode == 0 and "Remote working directory" in out.stdout
     assert "auth: partial user='demo'" in mfa_vault.log.read_text()
     assert mfa_vault.sftp("pwd", check=False).returncode != 0  # batch mode: the key alone does not log in

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,3 +85,25 @@ def test_server_on_movault_then_migrate_to_transit(movault: MoVault, vault: Vaul
         assert (vault.work / "back").read_bytes() == data
     finally:
         bao.stop()
+
+
+def test_slow_key_service_at_login_is_a_bounded_clear_refusal(movault: MoVault, vault: Vault,
+                                                               client_key: Path) -> None:
+    vault.stop()
+    (vault.home / "sftpvault.toml").write_text('[keys]\nservice = "movault"\n' + movault_config(movault)
+                                               + "timeout = 0.5\nretries = 1\n")
+    run_cli(vault.home, "user", "add", "late", "--authorized-key", f"{client_key}.pub")
+    vault.start()
+    vault.sftp("pwd")  # demo's DEK exists and is unwrapped quickly
+    demo = vault.client()
+    movault.delay = 3.0
+    started = time.monotonic()
+    out = vault.sftp("pwd", user="late", check=False)
+    assert out.returncode != 0 and "key service unavailable" in out.stderr
+    assert time.monotonic() - started < 20  # two attempts of 0.5 s plus backoff, not the service's 3 s each
+    assert not any(b"late" in p.read_bytes() for p in (vault.home / "keys" / "keks").glob("*.secret"))
+    with demo.open("still-works", "wb") as f:  # an open session is not held up
+        f.write(b"ok")
+    demo.close()
+    movault.delay = 0.0
+    assert "cannot reach the Mo-Vault key service" in vault.log.read_text()

@@ -110,30 +110,7 @@ def test_errors_are_reported_to_the_client(vault: Vault) -> None:
 
 def test_password_login_with_openssh(vault: Vault) -> None:
     """The password path with a real client (SSH_ASKPASS answers the prompt)."""
-    askpass = vault.work / "askpass"
-    askpass.write_text("#!/bin/sh\necho 'correct horse battery staple'\n")
-    askpass.chmod(0o700)
-    env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0"}
-    # not `-b`: batch mode disables password prompts, so the commands come on stdin
-    proc = subprocess.run(
-        [
-            "sftp",
-            "-P",
-            str(vault.port),
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "PubkeyAuthentication=no",
-            "demo@127.0.0.1",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        input="pwd\nbye\n",
-    )
+    proc = vault.sftp_with_password("demo", "correct horse battery staple", "pwd\nbye\n")
     assert proc.returncode == 0, proc.stderr
     assert "Remote working directory: /" in proc.stdout
 

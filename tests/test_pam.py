@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SSH_OPTS, Vault, make_vault
+from tests.conftest import Vault, make_vault
 from tests.test_ldap import password_login
 
 USERS = {"svpam_ok": "ok-Pass-123", "svpam_locked": "locked-Pass-456", "svpam_expired": "expired-Pass-789"}
@@ -56,19 +56,7 @@ def test_pam_good_bad_locked_expired(pam_vault: Vault) -> None:
 
 
 def test_pam_login_with_openssh(pam_vault: Vault) -> None:
-    askpass = pam_vault.work / "askpass"
-    askpass.write_text(f"#!/bin/sh\necho '{USERS['svpam_ok']}'\n")
-    askpass.chmod(0o700)
-    env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0"}
     (pam_vault.work / "f").write_bytes(b"via pam")
-    out = subprocess.run(
-        ["sftp", "-P", str(pam_vault.port), *SSH_OPTS[:4], "-o", "PubkeyAuthentication=no", "svpam_ok@127.0.0.1"],
-        env=env,
-        input="put f\nbye\n",
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=pam_vault.work,
-    )
+    out = pam_vault.sftp_with_password("svpam_ok", USERS["svpam_ok"], "put f\nbye\n")
     assert out.returncode == 0, out.stderr
     assert (pam_vault.home / "data" / "svpam_ok" / "f").exists()

@@ -24,24 +24,10 @@ from ldap3.utils.dn import escape_rdn
 
 from sftpvault.auth.base import AuthBackend, acceptable_password
 from sftpvault.auth.keys import AuthorizedKey, parse_authorized_key
+from sftpvault.config import LdapSettings
 from sftpvault.errors import ConfigError, UserError
 
 log = logging.getLogger("sftpvault.auth")
-
-
-@dataclass(frozen=True)
-class LdapOptions:
-    url: str
-    start_tls: bool = False
-    ca_file: str = ""
-    user_dn_template: str = ""
-    search_base: str = ""
-    search_filter: str = "(&(objectClass=posixAccount)(uid={user}))"
-    bind_dn: str = ""
-    bind_password: str = ""
-    required_group: str = ""
-    ssh_key_attribute: str = "sshPublicKey"
-    timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -53,10 +39,11 @@ class LdapUser:
 class LdapBackend(AuthBackend):
     name = "ldap"
 
-    def __init__(self, options: LdapOptions) -> None:
+    def __init__(self, options: LdapSettings, bind_password: str = "") -> None:
         if not options.user_dn_template and not options.search_base:
             raise ConfigError("ldap: set user_dn_template or search_base")
         self.options = options
+        self.bind_password = bind_password
         parsed = urlparse(options.url)
         if parsed.scheme not in ("ldap", "ldaps") or not parsed.hostname:
             raise ConfigError(f"ldap.url must be ldap://host[:port] or ldaps://host[:port], not {options.url!r}")
@@ -124,7 +111,7 @@ class LdapBackend(AuthBackend):
     def _service_connection(self) -> ldap3.Connection:
         """A reused, bound connection for searches (rebuilt after a failure)."""
         if self._service is None or self._service.closed:
-            connection = self._connection(self.options.bind_dn, self.options.bind_password)
+            connection = self._connection(self.options.bind_dn, self.bind_password)
             if not connection.bind():
                 raise LDAPException("the service account cannot bind")
             self._service = connection
