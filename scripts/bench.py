@@ -175,8 +175,9 @@ class RcloneCrypt(Target):
     def start(self) -> None:
         data = self.dir / "data"
         data.mkdir()
+        # the crypt password goes through stdin ("-"), never argv
         secret = subprocess.run(
-            ["rclone", "obscure", os.urandom(12).hex()], check=True, capture_output=True, text=True
+            ["rclone", "obscure", "-"], input=os.urandom(12).hex(), check=True, capture_output=True, text=True
         ).stdout.strip()
         config = self.dir / "rclone.conf"
         config.write_text(
