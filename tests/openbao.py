@@ -61,11 +61,16 @@ def _try_start(home: Path) -> OpenBao | str:
     token = secrets.token_hex(16)
     port = free_port()
     # the root token reaches the dev server by environment, never by argv
-    env = {**os.environ, "HOME": str(home), "BAO_DEV_ROOT_TOKEN_ID": token,
-           "BAO_DEV_LISTEN_ADDRESS": f"127.0.0.1:{port}"}
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "BAO_DEV_ROOT_TOKEN_ID": token,
+        "BAO_DEV_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+    }
     log_path = home / f"bao-{port}.log"
-    proc = subprocess.Popen([bao_binary(), "server", "-dev"], env=env, stdout=log_path.open("wb"),
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [bao_binary(), "server", "-dev"], env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT
+    )
     bao = OpenBao(f"http://127.0.0.1:{port}", token, proc, home)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and proc.poll() is None:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from tests.conftest import free_port
 
@@ -20,6 +27,8 @@ class Slapd:
     url: str
     proc: subprocess.Popen
     admin_password: str
+    ldaps_url: str = ""
+    ca_file: str = ""
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -27,7 +36,48 @@ class Slapd:
             self.proc.wait(30)
 
 
+def make_tls_files(base: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 (ca.pem, server.pem, server.key)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sftpvault test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = base / "ca.pem", base / "server.pem", base / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
 def config_ldif(base: Path, admin_password: str) -> str:
+    ca, cert, key = make_tls_files(base)
     includes = "".join(
         f"include: file:///etc/ldap/schema/{n}.ldif\n" for n in ("core", "cosine", "nis", "inetorgperson")
     )
@@ -35,6 +85,9 @@ def config_ldif(base: Path, admin_password: str) -> str:
 objectClass: olcGlobal
 cn: config
 olcPidFile: {base}/slapd.pid
+olcTLSCACertificateFile: {ca}
+olcTLSCertificateFile: {cert}
+olcTLSCertificateKeyFile: {key}
 
 dn: cn=module{{0}},cn=config
 objectClass: olcModuleList
@@ -72,10 +125,10 @@ def start_slapd(base: Path, data_ldif: str, admin_password: str = "admin-secret"
             check=True,
             capture_output=True,
         )
-    port = free_port()
-    url = f"ldap://127.0.0.1:{port}"
+    port, tls_port = free_port(), free_port()
+    url, ldaps_url = f"ldap://127.0.0.1:{port}", f"ldaps://127.0.0.1:{tls_port}"
     proc = subprocess.Popen(
-        ["slapd", "-d", "0", "-h", f"{url}/", "-F", str(base / "slapd.d")],
+        ["slapd", "-d", "0", "-h", f"{url}/ {ldaps_url}/", "-F", str(base / "slapd.d")],
         stdout=subprocess.DEVNULL,
         stderr=(base / "slapd.log").open("wb"),
     )
@@ -85,7 +138,7 @@ def start_slapd(base: Path, data_ldif: str, admin_password: str = "admin-secret"
             raise AssertionError((base / "slapd.log").read_text())
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return Slapd(url, proc, admin_password)
+            return Slapd(url, proc, admin_password, ldaps_url, str(base / "ca.pem"))
         except OSError:
             time.sleep(0.05)
     proc.terminate()

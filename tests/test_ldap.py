@@ -124,3 +124,21 @@ def test_dn_template_mode(slapd: Slapd) -> None:
     assert not backend.check_password("alice", PASSWORDS["bob"])
     assert not backend.check_password("alice,ou=people", PASSWORDS["alice"])
     assert [k.line.split()[0] for k in backend.authorized_keys("carol")] == ["ssh-ed25519"]
+
+
+def test_ldaps_and_starttls_verify_the_server(slapd: Slapd, tmp_path: Path) -> None:
+    template = f"uid={{user}},ou=people,{SUFFIX}"
+    for url, start_tls in ((slapd.ldaps_url, False), (slapd.url, True)):
+        trusted = LdapSettings(
+            url=url, start_tls=start_tls, ca_file=slapd.ca_file, user_dn_template=template, bind_dn=ADMIN_DN
+        )
+        assert LdapBackend(trusted, slapd.admin_password).check_password("alice", PASSWORDS["alice"]), url
+        from tests.slapd import make_tls_files
+
+        other_dir = tmp_path / f"other-{start_tls}"
+        other_dir.mkdir()
+        other_ca = str(make_tls_files(other_dir)[0])  # a CA that did not sign the server's certificate
+        untrusted = LdapSettings(
+            url=url, start_tls=start_tls, ca_file=other_ca, user_dn_template=template, bind_dn=ADMIN_DN
+        )
+        assert not LdapBackend(untrusted, slapd.admin_password).check_password("alice", PASSWORDS["alice"]), url

@@ -87,11 +87,11 @@ def test_server_on_movault_then_migrate_to_transit(movault: MoVault, vault: Vaul
         bao.stop()
 
 
-def test_slow_key_service_at_login_is_a_bounded_clear_refusal(movault: MoVault, vault: Vault,
-                                                               client_key: Path) -> None:
+def test_slow_key_service_at_login_is_a_bounded_clear_refusal(movault: MoVault, vault: Vault, client_key: Path) -> None:
     vault.stop()
-    (vault.home / "sftpvault.toml").write_text('[keys]\nservice = "movault"\n' + movault_config(movault)
-                                               + "timeout = 0.5\nretries = 1\n")
+    (vault.home / "sftpvault.toml").write_text(
+        '[keys]\nservice = "movault"\n' + movault_config(movault) + "timeout = 0.5\nretries = 1\n"
+    )
     run_cli(vault.home, "user", "add", "late", "--authorized-key", f"{client_key}.pub")
     vault.start()
     vault.sftp("pwd")  # demo's DEK exists and is unwrapped quickly
