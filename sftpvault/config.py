@@ -89,6 +89,7 @@ class LdapSettings:
     bind_password_file: str = ""
     required_group: str = ""
     ssh_key_attribute: str = "sshPublicKey"
+    area_attribute: str = ""
     timeout: float = 5.0
 
 
@@ -325,6 +326,9 @@ bind_password_file = ""
 required_group = ""
 # Attribute holding OpenSSH public keys (openssh-lpk schema).
 ssh_key_attribute = "sshPublicKey"
+# Attribute naming the user's area (its last path component, e.g. homeDirectory /home/alice -> alice,
+# or departmentNumber finance): users with the same area share its files and its DEK. Empty: the login name.
+area_attribute = ""
 timeout = 5.0
 
 [pam]

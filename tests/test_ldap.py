@@ -14,7 +14,14 @@ from sftpvault.config import LdapSettings
 from tests.conftest import Vault, make_vault
 from tests.slapd import ADMIN_DN, SUFFIX, Slapd, start_slapd
 
-PASSWORDS = {"alice": "alice-pass-1", "bob": "bob-pass-2", "carol": "carol-pass-3", "svc": "service-pass"}
+PASSWORDS = {
+    "alice": "alice-pass-1",
+    "bob": "bob-pass-2",
+    "carol": "carol-pass-3",
+    "dave": "dave-pass-4",
+    "svc": "service-pass",
+}
+DEPARTMENTS = {"alice": "finance", "carol": "finance", "dave": "Bad Area!"}
 
 
 def data_ldif(carol_key: str) -> str:
@@ -26,12 +33,13 @@ def data_ldif(carol_key: str) -> str:
     ]
     for number, (uid, password) in enumerate(PASSWORDS.items()):
         extra = f"objectClass: ldapPublicKey\nsshPublicKey: {carol_key}\n" if uid == "carol" else ""
+        extra += f"departmentNumber: {DEPARTMENTS[uid]}\n" if uid in DEPARTMENTS else ""
         entries.append(
             f"dn: uid={uid},{people}\nobjectClass: inetOrgPerson\nobjectClass: posixAccount\n{extra}"
             f"uid: {uid}\ncn: {uid}\nsn: {uid}\nuidNumber: {2000 + number}\ngidNumber: 2000\n"
             f"homeDirectory: /home/{uid}\nuserPassword: {password}\n"
         )
-    members = "".join(f"member: uid={u},{people}\n" for u in ("alice", "carol"))
+    members = "".join(f"member: uid={u},{people}\n" for u in ("alice", "carol", "dave"))
     entries.append(f"dn: cn=sftpusers,ou=groups,{SUFFIX}\nobjectClass: groupOfNames\ncn: sftpusers\n{members}")
     return "\n".join(entries)
 
@@ -142,3 +150,25 @@ def test_ldaps_and_starttls_verify_the_server(slapd: Slapd, tmp_path: Path) -> N
             url=url, start_tls=start_tls, ca_file=other_ca, user_dn_template=template, bind_dn=ADMIN_DN
         )
         assert not LdapBackend(untrusted, slapd.admin_password).check_password("alice", PASSWORDS["alice"]), url
+
+
+def test_area_attribute_names_a_shared_area(
+    slapd: Slapd, template_home: Path, client_key: Path, tmp_path: Path
+) -> None:
+    vault = make_vault(template_home, client_key, tmp_path)
+    (vault.home / "sftpvault.toml").write_text(ldap_config(slapd, vault.home) + 'area_attribute = "departmentNumber"\n')
+    vault.start()
+    try:
+        (vault.work / "report").write_bytes(b"quarterly numbers")
+        vault.sftp("put report", user="carol")  # carol: key from LDAP
+        assert (vault.home / "data" / "finance" / "report").exists()
+        assert not (vault.home / "data" / "carol").exists()
+        out = vault.sftp_with_password("alice", PASSWORDS["alice"], "get report got\nbye\n")
+        assert out.returncode == 0, out.stderr
+        assert (vault.work / "got").read_bytes() == b"quarterly numbers"
+        out = vault.sftp_with_password("dave", PASSWORDS["dave"], "pwd\nbye\n")  # "Bad Area!" names no area
+        assert out.returncode != 0 and "names no valid area" in out.stderr
+        assert "names no valid area for 'dave'" in vault.log.read_text()
+        assert sorted(p.name for p in (vault.home / "data").iterdir()) == ["demo", "finance"]
+    finally:
+        vault.stop()

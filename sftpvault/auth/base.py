@@ -23,6 +23,11 @@ class AuthBackend(abc.ABC):
         """Public keys that may log in as `user` (none if unknown or not supported)."""
         return []
 
+    def area(self, user: str) -> str | None:
+        """The area (directory under data/, and owner of the DEK) `user` works in, if this backend
+        names one; None leaves the default, the login name."""
+        return None
+
 
 def acceptable_password(password: str) -> bool:
     """Empty, blank or NUL-containing passwords never reach a backend (an empty LDAP

@@ -23,6 +23,7 @@ from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import escape_rdn
 
 from sftpvault.auth.base import AuthBackend, acceptable_password
+from sftpvault.auth.embedded import USER_NAME
 from sftpvault.auth.keys import AuthorizedKey, parse_authorized_key
 from sftpvault.config import LdapSettings
 from sftpvault.errors import ConfigError, UserError
@@ -34,6 +35,7 @@ log = logging.getLogger("sftpvault.auth")
 class LdapUser:
     dn: str
     keys: tuple[str, ...]
+    area: str | None
 
 
 class LdapBackend(AuthBackend):
@@ -92,6 +94,12 @@ class LdapBackend(AuthBackend):
                 log.warning("ldap: ignoring a key of %r: %s", user, exc)
         return keys
 
+    def area(self, user: str) -> str | None:
+        if not self.options.area_attribute:
+            return None
+        found = self._find(user)
+        return found.area if found else None
+
     # -- directory -------------------------------------------------------------
 
     def _connection(self, dn: str, password: str) -> ldap3.Connection:
@@ -118,25 +126,25 @@ class LdapBackend(AuthBackend):
         return self._service
 
     def _find(self, user: str) -> LdapUser | None:
-        """The user's DN and keys, or None if unknown or not in the required group."""
-        attribute = self.options.ssh_key_attribute
+        """The user's DN, keys and area, or None if unknown or not in the required group."""
         with self._lock:
             try:
-                return self._search(user, attribute)
+                return self._search(user)
             except LDAPException:
                 if self._service is not None:
                     self._service.unbind()
                     self._service = None
                 raise
 
-    def _search(self, user: str, attribute: str) -> LdapUser | None:
+    def _search(self, user: str) -> LdapUser | None:
         connection = self._service_connection()
+        attributes = [a for a in (self.options.ssh_key_attribute, self.options.area_attribute) if a]
         if self.options.user_dn_template:
             dn = self.options.user_dn_template.format(user=escape_rdn(user))
-            ok = connection.search(dn, "(objectClass=*)", search_scope=ldap3.BASE, attributes=[attribute])
+            ok = connection.search(dn, "(objectClass=*)", search_scope=ldap3.BASE, attributes=attributes)
         else:
             query = self.options.search_filter.format(user=escape_filter_chars(user))
-            ok = connection.search(self.options.search_base, query, attributes=[attribute])
+            ok = connection.search(self.options.search_base, query, attributes=attributes)
         if not ok or len(connection.entries) != 1:
             return None
         entry = connection.entries[0]
@@ -144,8 +152,9 @@ class LdapBackend(AuthBackend):
         if self.options.required_group and not self._is_member(connection, dn, user):
             log.info("ldap: %r is not in %s", user, self.options.required_group)
             return None
-        values = entry[attribute].values if attribute in entry else []
-        return LdapUser(dn, tuple(v.decode() if isinstance(v, bytes) else str(v) for v in values))
+        return LdapUser(
+            dn, _values(entry, self.options.ssh_key_attribute), _area(_values(entry, self.options.area_attribute))
+        )
 
     def _is_member(self, connection: ldap3.Connection, dn: str, user: str) -> bool:
         query = (
@@ -153,3 +162,17 @@ class LdapBackend(AuthBackend):
             f"(memberUid={escape_filter_chars(user)}))"
         )
         return bool(connection.search(self.options.required_group, query, search_scope=ldap3.BASE))
+
+
+def _values(entry: ldap3.abstract.entry.Entry, attribute: str) -> tuple[str, ...]:
+    if not attribute or attribute not in entry:
+        return ()
+    return tuple(v.decode() if isinstance(v, bytes) else str(v) for v in entry[attribute].values)
+
+
+def _area(values: tuple[str, ...]) -> str | None:
+    """The last path component of the first value (/home/alice -> alice); "" if it is no valid area name."""
+    if not values:
+        return None
+    name = values[0].rstrip("/").rsplit("/", 1)[-1]
+    return name if USER_NAME.match(name) else ""

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import paramiko
 
-from sftpvault.errors import IntegrityError, KeyServiceError
+from sftpvault.errors import IntegrityError, KeyServiceError, UserError
 from sftpvault.sftp import protocol as p
 from sftpvault.vfs.fs import Attrs, UserFS
 from sftpvault.vfs.openfile import OpenFile, OpenMode
@@ -72,6 +72,8 @@ def _status_for(exc: BaseException) -> tuple[int, str]:
         return p.FAILURE, f"integrity check failed: {exc}"
     if isinstance(exc, KeyServiceError):
         return p.FAILURE, "key service unavailable"
+    if isinstance(exc, UserError):
+        return p.PERMISSION_DENIED, str(exc)
     if isinstance(exc, p.ProtocolError):
         return p.BAD_MESSAGE, str(exc)
     if isinstance(exc, OSError) and exc.errno is not None:
@@ -90,6 +92,7 @@ class SFTPSession(paramiko.SubsystemHandler):
         self.files: dict[bytes, OpenFile] = {}
         self.dirs: dict[bytes, list[tuple[str, Attrs]]] = {}
         self._next_handle = 0
+        self._exit_status = 0
         self._inbuf = bytearray()  # received, not yet parsed: at most one packet plus one recv
         self._pos = 0
         server.sessions.add(self)
@@ -134,6 +137,7 @@ class SFTPSession(paramiko.SubsystemHandler):
         except Exception as exc:  # key service down, missing home: refuse this session only
             log.error("sftp: cannot open the file system of %s: %s", self.host.username, exc)
             channel.sendall_stderr(f"sftpvault: cannot open your files: {_status_for(exc)[1]}\n".encode())
+            self._exit_status = 1
             return
         try:
             kind, payload = self._read_packet()
@@ -150,7 +154,7 @@ class SFTPSession(paramiko.SubsystemHandler):
         self.close_all()
         self.host.sessions.discard(self)
         try:
-            self.channel.send_exit_status(0)  # scp checks it, as sshd sends it
+            self.channel.send_exit_status(self._exit_status)  # scp checks it, as sshd sends it
         except (OSError, EOFError, paramiko.SSHException):
             pass
         super().finish_subsystem()

@@ -19,6 +19,7 @@ import paramiko
 from sftpvault.app import App
 from sftpvault.auth.base import AuthBackend
 from sftpvault.auth.defender import Defender
+from sftpvault.errors import UserError
 from sftpvault.keyring import UserKeys
 from sftpvault.sftp.session import SFTPSession
 from sftpvault.vfs.fs import UserFS
@@ -36,6 +37,7 @@ class Connection(paramiko.ServerInterface):
         self.peer = peer
         self.peer_ip = peer.rsplit(":", 1)[0]
         self.username = ""
+        self.area = ""  # where the user's files and DEK live: set when the first SFTP session opens
         self.max_handles = app.settings.server.max_handles
         self.settled = threading.Event()  # set once logged in, or once auth failures reach the cap
         self.sessions: set[SFTPSession] = set()
@@ -145,11 +147,23 @@ class Connection(paramiko.ServerInterface):
     # -- what SFTP sessions need -----------------------------------------------------
 
     def open_fs(self) -> UserFS:
+        """The file system of this login's area (its own name unless a backend names another)."""
         with self._lock:
             if self._keys is None:
-                self._keys = self.app.keyring.acquire(self.username)
+                self.area = self._area()
+                self._keys = self.app.keyring.acquire(self.area)
             keys = self._keys
-        return self.app.user_fs(self.username, keys)
+        return self.app.user_fs(self.area, keys)
+
+    def _area(self) -> str:
+        for backend in self.app.backends:
+            area = backend.area(self.username)
+            if area == "":
+                raise UserError(f"the directory names no valid area for {self.username!r}")
+            if area is not None:
+                log.info("auth: %r works in area %r", self.username, area)
+                return area
+        return self.username
 
     def close(self) -> None:
         """Commit every open upload, then drop this connection's DEK lease."""
@@ -158,4 +172,4 @@ class Connection(paramiko.ServerInterface):
         with self._lock:
             if self._keys is not None:
                 self._keys = None
-                self.app.keyring.release(self.username)
+                self.app.keyring.release(self.area)
