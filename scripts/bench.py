@@ -277,6 +277,8 @@ def measure_target(
     def add(row: str, value: float) -> None:
         rows.setdefault(row, []).append(value)
 
+    # every single-stream run first: a worker keeps memory from parallel stages, which would
+    # otherwise show in the single-stream peak (the parallel peak has a row of its own)
     for run in range(args.repeat):
         remote = f"{target.remote}big{run}"
         down = local / f"down{run}"
@@ -290,15 +292,17 @@ def measure_target(
         down.unlink()
         client.run(target, f"rm {remote}")
 
+    for run in range(args.repeat):
         per_stream = args.size // args.streams
 
         def stream(i: int, run: int = run) -> None:
             name = f"{target.remote}par{run}-{i}"
             client.run(target, f"put part{i} {name}", f"get {name} back{i}", f"rm {name}")
 
-        with ThreadPoolExecutor(args.streams) as pool:
+        with ThreadPoolExecutor(args.streams) as pool, RssSampler(target.proc.pid) as rss:
             seconds = timed(lambda: list(pool.map(stream, range(args.streams))))
         add(f"{args.streams} streams up+down MB/s", 2 * per_stream * args.streams / MB / seconds)
+        add(f"peak RSS per process, {args.streams} streams, MiB", rss.peak / 2**20)
 
         tree = f"{target.remote}small{run}"
         add("small files upload files/s", args.small / timed(lambda t=tree: client.run(target, f"put -r small {t}")))
