@@ -115,6 +115,7 @@ class Keyring:
         self.audit = audit
         self._lock = threading.Lock()
         self._open: dict[str, tuple[UserKeys, int]] = {}
+        self._user_locks: dict[str, threading.Lock] = {}
 
     def service_for(self, wrapped: WrappedKey) -> KeyService:
         try:
@@ -230,18 +231,36 @@ class Keyring:
     # -- sessions -------------------------------------------------------------
 
     def acquire(self, user: str) -> UserKeys:
-        """The user's DEKs for a new session, creating the first DEK on first login."""
+        """The user's DEKs for a new session, creating the first DEK on first login.
+
+        The key-service calls run under a per-user lock only: one user's slow
+        unwrap never holds up another user's login.
+        """
         with self._lock:
-            if user in self._open:
-                keys, count = self._open[user]
-                self._open[user] = (keys, count + 1)
-                return keys
+            shared = self._share(user)
+            if shared is not None:
+                return shared
+            user_lock = self._user_locks.setdefault(user, threading.Lock())
+        with user_lock:
+            with self._lock:
+                shared = self._share(user)  # a concurrent session of this user may have just opened them
+                if shared is not None:
+                    return shared
             if self.load_record(user) is None:
                 self.add_dek(user, first_only=True)
             keys = UserKeys(user, self._refresh)
             self._refresh(keys)
-            self._open[user] = (keys, 1)
+            with self._lock:
+                self._open[user] = (keys, 1)
         log.info("keyring: opened DEKs of %s (current %s)", user, keys.current_id.hex())
+        return keys
+
+    def _share(self, user: str) -> UserKeys | None:
+        """Count one more session on DEKs already open (call with self._lock held)."""
+        if user not in self._open:
+            return None
+        keys, count = self._open[user]
+        self._open[user] = (keys, count + 1)
         return keys
 
     def release(self, user: str) -> None:
@@ -257,10 +276,6 @@ class Keyring:
             self.rewrap_stale(user)
         except (KeyServiceError, OSError) as exc:
             log.warning("keyring: rewrap of %s deferred, record left as it was: %s", user, exc)
-
-    def open_users(self) -> list[str]:
-        with self._lock:
-            return sorted(self._open)
 
     def stale_entries(self, record: DekRecord, latest: int) -> list[tuple[str, DekEntry]]:
         return [

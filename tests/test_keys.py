@@ -75,8 +75,7 @@ def test_sessions_share_dek_and_last_close_rewraps_after_rotation(tmp_path: Path
     assert ring.service.rotate() == 2
     ring.release("dave")
     assert ring.load_record("dave").deks[first.current_id.hex()].wrapped.kek_version == 1  # a session remains
-    ring.release("dave")
-    assert ring.open_users() == []
+    ring.release("dave")  # the last session: the DEKs are dropped and the record rewrapped
     entry = ring.load_record("dave").deks[first.current_id.hex()]
     assert entry.wrapped.kek_version == 2
     assert ring.acquire("dave").current == first.current
@@ -126,3 +125,37 @@ def test_unknown_kek_version_is_a_clear_error(tmp_path: Path) -> None:
     bogus = WrappedKey(wrapped.service, wrapped.kek_name, 99, wrapped.algorithm, wrapped.ciphertext)
     with pytest.raises(KeyServiceError, match="version 99"):
         service.unwrap(bogus, b"u")
+
+
+class StallingKeyService(EmbeddedKeyService):
+    """A test double: unwraps for one user hang until released. It stands in for a slow
+    remote service because only a double can stall one user's calls deterministically."""
+
+    def __init__(self, path: Path, stalled_user: bytes) -> None:
+        super().__init__(path)
+        self.stalled_user = stalled_user
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def unwrap(self, wrapped, context: bytes) -> bytes:
+        if context == self.stalled_user:
+            self.entered.set()
+            self.release.wait(30)
+        return super().unwrap(wrapped, context)
+
+
+def test_one_users_slow_unwrap_does_not_block_another_users_login(tmp_path: Path) -> None:
+    make_keyring(tmp_path).acquire("slow")  # records exist for both users
+    make_keyring(tmp_path).acquire("fast")
+    service = StallingKeyService(tmp_path / "keystore.json", b"slow")
+    ring = Keyring(tmp_path, {"embedded": service}, "embedded", AuditLog(tmp_path / "audit.jsonl", "test"))
+    stalled = threading.Thread(target=ring.acquire, args=("slow",))
+    stalled.start()
+    assert service.entered.wait(10)
+    done = threading.Event()
+    threading.Thread(target=lambda: (ring.acquire("fast"), done.set()), daemon=True).start()
+    try:
+        assert done.wait(10), "fast's login waited for slow's key service call"
+    finally:
+        service.release.set()
+        stalled.join(30)

@@ -66,3 +66,16 @@ def test_sigterm_commits_open_uploads_and_exits_cleanly(vault: Vault) -> None:
     assert temps(vault) == []
     vault.start()
     assert vault.client().open("late").read() == data
+
+
+def test_startup_cleanup_never_follows_a_users_symlink_out_of_the_jail(vault: Vault, tmp_path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    bait = outside / ".sftpvault-upload-not-ours"
+    bait.write_bytes(b"belongs to someone else")
+    client = vault.client()
+    client.symlink(str(outside), "escape")  # a user's link: chroot-style inside, a real path on disk
+    client.close()
+    vault.stop()
+    vault.start()
+    assert bait.read_bytes() == b"belongs to someone else"

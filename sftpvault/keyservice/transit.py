@@ -140,9 +140,6 @@ class TransitKeyService(KeyService):
         self._check_key(self._key_info())
         return []
 
-    def min_decryption_version(self) -> int:
-        return int(self._key_info().get("min_decryption_version", 1))
-
     # -- plumbing ---------------------------------------------------------------
 
     def _check_unsealed(self) -> None:

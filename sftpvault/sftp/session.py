@@ -20,7 +20,7 @@ import paramiko
 
 from sftpvault.errors import IntegrityError, KeyServiceError, UserError
 from sftpvault.sftp import protocol as p
-from sftpvault.vfs.fs import Attrs, UserFS
+from sftpvault.vfs.fs import Attrs, SetAttrs, UserFS
 from sftpvault.vfs.openfile import OpenFile, OpenMode
 
 log = logging.getLogger("sftpvault.sftp")
@@ -79,6 +79,14 @@ def _status_for(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, OSError) and exc.errno is not None:
         return _ERRNO_STATUS.get(exc.errno, p.FAILURE), os.strerror(exc.errno)
     return p.FAILURE, "internal server error"
+
+
+def _settable(r: p.Reader) -> SetAttrs:
+    """The attributes a setstat asks for; an owner change is refused (files belong to the server)."""
+    attrs, chown = r.attrs()
+    if chown:
+        raise Denied(p.PERMISSION_DENIED, "changing the owner is not permitted")
+    return attrs
 
 
 class SFTPSession(paramiko.SubsystemHandler):
@@ -287,15 +295,11 @@ class SFTPSession(paramiko.SubsystemHandler):
 
     def _fstat(self, request_id: int, r: p.Reader) -> bytes:
         f = self._file(r)
-        st = f.fstat()
-        attrs = Attrs(f.file.size, st.st_uid, st.st_gid, st.st_mode, int(st.st_atime), int(st.st_mtime), st.st_nlink)
-        return self._attrs_reply(request_id, attrs)
+        return self._attrs_reply(request_id, Attrs.from_stat(f.fstat(), size=f.file.size))
 
     def _fsetstat(self, request_id: int, r: p.Reader) -> bytes:
         f = self._file(r)
-        attrs, chown = r.attrs()
-        if chown:
-            raise Denied(p.PERMISSION_DENIED, "changing the owner is not permitted")
+        attrs = _settable(r)
         if attrs.size is not None:
             f.truncate(attrs.size)
         if attrs.mode is not None:
@@ -322,9 +326,7 @@ class SFTPSession(paramiko.SubsystemHandler):
 
     def _setstat(self, request_id: int, r: p.Reader, follow: bool = True) -> bytes:
         path = r.text()
-        attrs, chown = r.attrs()
-        if chown:
-            raise Denied(p.PERMISSION_DENIED, "changing the owner is not permitted")
+        attrs = _settable(r)
         if not follow and (attrs.size is not None or attrs.mode is not None):
             raise Denied(p.OP_UNSUPPORTED, "only times can be set on a link itself")
         self._fs.setattrs(path, attrs)

@@ -36,14 +36,22 @@ class Attrs:
     nlink: int = 1
 
     @classmethod
-    def from_stat(cls, st: os.stat_result) -> Attrs:
-        size = st.st_size
-        if stat.S_ISREG(st.st_mode):
+    def from_stat(cls, st: os.stat_result, size: int | None = None) -> Attrs:
+        """Attributes of a stat result; `size` overrides (an open handle knows its plaintext size)."""
+        if size is None and stat.S_ISREG(st.st_mode):
             try:
-                size = fmt.plain_size(size)
+                size = fmt.plain_size(st.st_size)
             except IntegrityError:
                 size = 0  # damaged file: reading it fails; `sftpvault verify` names it
-        return cls(size, st.st_uid, st.st_gid, st.st_mode, int(st.st_atime), int(st.st_mtime), st.st_nlink)
+        return cls(
+            st.st_size if size is None else size,
+            st.st_uid,
+            st.st_gid,
+            st.st_mode,
+            int(st.st_atime),
+            int(st.st_mtime),
+            st.st_nlink,
+        )
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,10 @@ MAX_DIRTY_CHUNKS = 16  # bounds the plaintext one handle buffers (1 MiB)
 class EncryptedFile:
     """Plaintext reads and writes at any offset over a ciphertext file descriptor."""
 
-    def __init__(self, fd: int, header: fmt.Header, file_key: bytes, size: int, writable: bool) -> None:
+    def __init__(self, fd: int, header: fmt.Header, file_key: bytes, size: int) -> None:
         self.fd = fd
         self.header = header
         self.size = size
-        self.writable = writable
         self._cipher = AESGCM(file_key)
         self._valid = fmt.chunk_count(size)
         self._tail = (fmt.chunk_length(size, self._valid - 1), True)  # (length, final) of slot _valid-1
@@ -42,17 +41,17 @@ class EncryptedFile:
         """Start a new, empty file on the (empty) descriptor `fd`."""
         header, file_key = fmt.new_header(dek, dek_id)
         os.pwrite(fd, header.to_bytes(), 0)
-        handle = cls(fd, header, file_key, 0, writable=True)
+        handle = cls(fd, header, file_key, 0)
         handle._valid = 0  # nothing sealed yet: flush() writes the empty final chunk
         return handle
 
     @classmethod
-    def open(cls, fd: int, dek_for: DekLookup, writable: bool) -> EncryptedFile:
+    def open(cls, fd: int, dek_for: DekLookup) -> EncryptedFile:
         """Open an existing file: authenticate its header and derive its size."""
         header = fmt.Header.parse(os.pread(fd, fmt.HEADER_SIZE, 0))
         file_key = fmt.open_header(header, dek_for(header.dek_id))
         size = fmt.plain_size(os.fstat(fd).st_size)
-        return cls(fd, header, file_key, size, writable)
+        return cls(fd, header, file_key, size)
 
     # -- reading ------------------------------------------------------------
 

@@ -69,7 +69,7 @@ class OpenFile:
         fd = os.open(self.name, os.O_RDONLY | _OPEN_FLAGS, dir_fd=self._dir_fd)
         try:
             _require_regular(fd)
-            return EncryptedFile.open(fd, keys.get, writable=False)
+            return EncryptedFile.open(fd, keys.get)
         except BaseException:
             os.close(fd)
             raise
@@ -97,7 +97,7 @@ class OpenFile:
             if existing is None or self.mode.truncate:
                 return EncryptedFile.create(fd, keys.current, keys.current_id)
             _copy_ciphertext(existing, fd)
-            return EncryptedFile.open(fd, keys.get, writable=True)
+            return EncryptedFile.open(fd, keys.get)
         except BaseException:
             os.close(fd)
             raise
@@ -188,7 +188,11 @@ def _require_regular(fd: int) -> None:
 
 
 def remove_stale_uploads(root: Path) -> int:
-    """Delete temporaries a killed server left behind; returns how many."""
+    """Delete temporaries a killed server left behind; returns how many.
+
+    rglob does not descend into symlinked directories, so a user's link never
+    leads the cleanup out of the data tree (tests/test_lifecycle.py checks it).
+    """
     removed = 0
     for path in root.rglob(TEMP_PREFIX + "*"):
         if path.is_file() and not path.is_symlink():
