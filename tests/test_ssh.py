@@ -125,3 +125,23 @@ def test_host_keys_are_private_and_of_three_kinds(vault: Vault) -> None:
         assert path.stat().st_mode & 0o777 == 0o600
     rsa = paramiko.RSAKey.from_private_key_file(str(vault.home / "keys" / "ssh_host_rsa_key"))
     assert rsa.get_bits() >= 3072
+
+
+def test_connection_socket_disables_nagle_and_delayed_acks() -> None:
+    # OpenSSH clients send ECDH_INIT right behind KEXINIT with Nagle on: a delayed ACK
+    # from us would stall every login by 40 ms (twice), so each read re-arms TCP_QUICKACK
+    from sftpvault.ssh.server import QuickAckSocket
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+        with client, accepted:
+            wrapped = QuickAckSocket(accepted)
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            accepted.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)  # as Linux does after a reply
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 0
+            client.sendall(b"KEXINIT")
+            wrapped.settimeout(5)  # everything but recv is the socket's own
+            assert wrapped.recv(64) == b"KEXINIT"
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
+            assert wrapped.fileno() == accepted.fileno() and not wrapped._closed

@@ -12,6 +12,7 @@ import logging
 import socket
 import threading
 import time
+from typing import Any
 
 import paramiko
 
@@ -61,6 +62,30 @@ def tcp_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class QuickAckSocket:
+    """A connected socket that acknowledges every segment at once.
+
+    OpenSSH clients leave Nagle's algorithm on outside interactive sessions, so
+    a message sent right after one the server does not answer (ECDH_INIT after
+    KEXINIT, SERVICE_REQUEST after NEWKEYS) waits for the server's ACK, which
+    Linux delays by 40 ms. Linux drops TCP_QUICKACK after a while, so it is set
+    again before every read.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        # paramiko writes each SSH packet on its own: with Nagle's algorithm a reply
+        # following another small packet would wait for the client's delayed ACK
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def recv(self, size: int) -> bytes:
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        return self._sock.recv(size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 class SSHServer:
@@ -127,6 +152,7 @@ class SSHServer:
 
     def _serve_connection(self, client: socket.socket, peer: str) -> None:
         client.settimeout(None)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ip = peer.rsplit(":", 1)[0]
         with self._lock:
             full = len(self._connections) >= self.settings.max_connections
@@ -145,7 +171,7 @@ class SSHServer:
     def _serve_admitted(self, client: socket.socket, peer: str) -> str:
         """Run one connection to its end: "login", "authfail" (refused attempts) or "noauth"."""
         transport = paramiko.Transport(
-            client, default_window_size=self.settings.window_size, default_max_packet_size=self.settings.max_packet_size
+            QuickAckSocket(client), default_window_size=self.settings.window_size, default_max_packet_size=self.settings.max_packet_size
         )
         configure_transport(transport, self.settings.ciphers)
         for key in self.host_keys:
