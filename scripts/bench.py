@@ -13,6 +13,7 @@ headers, and the median DEK unwrap time at login.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import hashlib
 import json
 import os
@@ -286,11 +287,20 @@ def measure_target(
             add("upload MB/s", args.size / MB / timed(lambda r=remote: client.run(target, f"put big {r}")))
             get = f"get {remote} {down.name}"
             add("download MB/s", args.size / MB / timed(lambda g=get: client.run(target, g)))
-        add("peak RSS per process, single stream, MiB", rss.peak / 2**20)
+        add(f"peak RSS per process, single stream, {mib(args.size)} MiB file", rss.peak / 2**20)
         if sha256(down) != big_hash:
             raise RuntimeError(f"{target.name}: downloaded file differs")
         down.unlink()
         client.run(target, f"rm {remote}")
+
+    if args.large_size:  # memory must not grow with the file: once is enough for a peak
+        remote, down = f"{target.remote}large", local / "large-back"
+        with RssSampler(target.proc.pid) as rss:
+            client.run(target, f"put large {remote}", f"get {remote} {down.name}", f"rm {remote}")
+        add(f"peak RSS per process, single stream, {mib(args.large_size)} MiB file", rss.peak / 2**20)
+        if not filecmp.cmp(local / "large", down, shallow=False):
+            raise RuntimeError(f"{target.name}: downloaded large file differs")
+        down.unlink()
 
     for run in range(args.repeat):
         per_stream = args.size // args.streams
@@ -381,6 +391,24 @@ def table(results: dict[str, dict[str, float]], names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def client_dir(args: argparse.Namespace) -> str | None:
+    """Where the client keeps its local files: RAM (tmpfs) when it has room, else the default temp dir.
+
+    The servers' data stays on disk. The client's side is kept off it because
+    writeback of gigabytes of downloads and the creation of thousands of small
+    files on this disk vary from run to run by more than the servers differ.
+    """
+    shm = Path("/dev/shm")
+    need = 3 * max(args.size, args.large_size) + args.small * 8192 + 2**30
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > need:
+        return str(shm)
+    return None
+
+
+def mib(size: int) -> str:
+    return f"{size / 2**20:.0f}"
+
+
 def parse_size(text: str) -> int:
     units = {"K": 2**10, "M": 2**20, "G": 2**30}
     return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
@@ -389,6 +417,9 @@ def parse_size(text: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=parse_size, default=parse_size("1G"), help="single-stream file size (1G)")
+    parser.add_argument(
+        "--large-size", type=parse_size, default=parse_size("4G"), help="file for the memory-growth row (4G; 0: skip)"
+    )
     parser.add_argument("--streams", type=int, default=8, help="parallel sessions (8)")
     parser.add_argument("--small", type=int, default=2000, help="number of 4 KiB files (2000)")
     parser.add_argument("--logins", type=int, default=100, help="logins per login measurement (100)")
@@ -401,13 +432,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="sftpvault-bench-", dir=os.environ.get("BENCH_TMP")) as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="sftpvault-bench-", dir=os.environ.get("BENCH_TMP")) as tmp,
+        tempfile.TemporaryDirectory(prefix="sftpvault-bench-client-", dir=client_dir(args)) as client_tmp,
+    ):
         work = Path(tmp)
-        local = work / "client"
-        local.mkdir()
+        local = Path(client_tmp)
         key = work / "id_ed25519"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
         make_random_file(local / "big", args.size)
+        if args.large_size:
+            make_random_file(local / "large", args.large_size)
         for i in range(args.streams):
             make_random_file(local / f"part{i}", args.size // args.streams)
         (local / "small").mkdir()

@@ -20,6 +20,7 @@ import paramiko
 
 from sftpvault.errors import IntegrityError, KeyServiceError, UserError
 from sftpvault.sftp import protocol as p
+from sftpvault.ssh.paramiko_compat import channel_sendall
 from sftpvault.vfs.fs import Attrs, SetAttrs, UserFS
 from sftpvault.vfs.openfile import OpenFile, OpenMode
 
@@ -151,10 +152,10 @@ class SFTPSession(paramiko.SubsystemHandler):
             kind, payload = self._read_packet()
             if kind != p.INIT:
                 return
-            channel.sendall(p.version_reply(EXTENSIONS))
+            channel_sendall(channel, p.version_reply(EXTENSIONS))
             while True:
                 kind, payload = self._read_packet()
-                channel.sendall(self._dispatch(kind, payload))
+                channel_sendall(channel, self._dispatch(kind, payload))
         except (EOFError, OSError, p.ProtocolError) as exc:
             log.debug("sftp: session of %s ended: %s", self.host.username, exc)
 
@@ -204,7 +205,8 @@ class SFTPSession(paramiko.SubsystemHandler):
             raise p.ProtocolError(f"packet of {length} bytes refused")
         self._fill(4 + length)
         start = self._pos + 4
-        body = bytes(self._inbuf[start : start + length])
+        with memoryview(self._inbuf) as buffered:  # one copy (slicing the bytearray would make two)
+            body = bytes(buffered[start : start + length])
         self._pos = start + length
         return body[0], body
 

@@ -22,6 +22,7 @@ from sftpvault.auth.defender import Defender
 from sftpvault.errors import UserError
 from sftpvault.keyring import UserKeys
 from sftpvault.sftp.session import SFTPSession
+from sftpvault.ssh import paramiko_compat
 from sftpvault.vfs.fs import UserFS
 
 log = logging.getLogger("sftpvault.auth")
@@ -142,7 +143,10 @@ class Connection(paramiko.ServerInterface):
         return paramiko.OPEN_SUCCEEDED
 
     def check_channel_subsystem_request(self, channel: paramiko.Channel, name: str) -> bool:
-        return name == "sftp" and bool(super().check_channel_subsystem_request(channel, name))
+        if name != "sftp":
+            return False
+        paramiko_compat.use_chunk_pipe(channel)  # we run in the transport thread: no input is in flight
+        return bool(super().check_channel_subsystem_request(channel, name))
 
     # -- what SFTP sessions need -----------------------------------------------------
 

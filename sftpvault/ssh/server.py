@@ -84,6 +84,10 @@ class QuickAckSocket:
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         return self._sock.recv(size)
 
+    def recv_into(self, buffer: memoryview) -> int:
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        return self._sock.recv_into(buffer)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
 
@@ -171,7 +175,10 @@ class SSHServer:
     def _serve_admitted(self, client: socket.socket, peer: str) -> str:
         """Run one connection to its end: "login", "authfail" (refused attempts) or "noauth"."""
         transport = paramiko.Transport(
-            QuickAckSocket(client), default_window_size=self.settings.window_size, default_max_packet_size=self.settings.max_packet_size
+            QuickAckSocket(client),
+            default_window_size=self.settings.window_size,
+            default_max_packet_size=self.settings.max_packet_size,
+            packetizer_class=paramiko_compat.BatchingPacketizer,
         )
         configure_transport(transport, self.settings.ciphers)
         for key in self.host_keys:

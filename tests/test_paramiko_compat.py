@@ -1,0 +1,175 @@
+"""The paramiko workarounds in sftpvault/ssh/paramiko_compat.py, against real paramiko transports.
+
+They reach into paramiko internals, so the first test pins what they rely on:
+a paramiko release that renames any of it fails here, not in production.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import paramiko
+import pytest
+from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
+from paramiko.packet import Packetizer
+
+from sftpvault.ssh import paramiko_compat
+from sftpvault.ssh.paramiko_compat import BatchingPacketizer, ChunkPipe, channel_sendall
+
+PACKETIZER_INTERNALS = [
+    "_Packetizer__socket",
+    "_Packetizer__remainder",
+    "_Packetizer__closed",
+    "_Packetizer__need_rekey",
+    "_Packetizer__write_lock",
+    "_Packetizer__block_engine_out",
+    "_Packetizer__block_size_out",
+    "_Packetizer__aead_out",
+    "_Packetizer__compress_engine_out",
+    "_Packetizer__iv_out",
+    "_Packetizer__sequence_number_out",
+    "_Packetizer__sent_bytes",
+    "_Packetizer__sent_packets",
+    "_Packetizer__received_bytes_overflow",
+    "_Packetizer__received_packets_overflow",
+    "_initial_kex_done",
+]
+
+
+def test_paramiko_is_the_pinned_release_with_the_internals_we_use() -> None:
+    major, minor = (int(x) for x in paramiko.__version__.split(".")[:2])
+    assert (5, 1) <= (major, minor) < (6, 0), "paramiko_compat is written against paramiko >=5.1,<6"
+    a, b = socket.socketpair()
+    with a, b:
+        missing = [name for name in PACKETIZER_INTERNALS if not hasattr(Packetizer(a), name)]
+    assert not missing
+    for owner, name in [
+        (Packetizer, "_inc_iv_counter"),
+        (Packetizer, "_trigger_rekey"),
+        (Packetizer, "_check_keepalive"),
+        (Packetizer, "handshake_timed_out"),
+        (paramiko.Channel, "_wait_for_send_window"),
+        (paramiko.Transport, "_send_user_message"),
+        (paramiko.auth_handler.AuthHandler, "_send_auth_result"),
+        (BufferedPipe, "_buffer_frombytes"),
+        (BufferedPipe, "_buffer_tobytes"),
+    ]:
+        assert callable(getattr(owner, name, None)), f"{owner.__name__}.{name}"
+
+
+class _Open(paramiko.ServerInterface):
+    def get_allowed_auths(self, username: str) -> str:
+        return "none"
+
+    def check_auth_none(self, username: str) -> int:
+        return paramiko.AUTH_SUCCESSFUL
+
+    def check_channel_request(self, kind: str, chanid: int) -> int:
+        return paramiko.OPEN_SUCCEEDED
+
+
+@contextmanager
+def _connected(cipher: str, client_window: int = 2**21) -> Iterator[tuple[paramiko.Channel, paramiko.Channel]]:
+    """A (server, client) channel pair over loopback: our packetizer serves, stock paramiko is the client."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client_sock = socket.create_connection(listener.getsockname())
+        server_sock, _ = listener.accept()
+    server = paramiko.Transport(server_sock, packetizer_class=BatchingPacketizer)
+    server.add_server_key(paramiko.ECDSAKey.generate())
+    server.start_server(event=threading.Event(), server=_Open())  # returns at once: the client runs next
+    client = paramiko.Transport(client_sock, default_window_size=client_window)
+    client.get_security_options().ciphers = (cipher,)
+    try:
+        client.connect()
+        client.auth_none("tester")
+        client_channel = client.open_session()
+        server_channel = server.accept(10)
+        assert server_channel is not None
+        paramiko_compat.use_chunk_pipe(server_channel)  # before any data: as the subsystem handler does
+        yield server_channel, client_channel
+    finally:
+        client.close()
+        server.close()
+
+
+def _receive(channel: paramiko.Channel, size: int) -> bytes:
+    out = bytearray()
+    while len(out) < size:
+        chunk = channel.recv(size - len(out))
+        assert chunk, "channel closed early"
+        out += chunk
+    return bytes(out)
+
+
+@pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr"])
+def test_batched_channel_data_reaches_a_stock_paramiko_client_intact(cipher: str) -> None:
+    # aes128-ctr has no AEAD: the batch falls back to paramiko's own packets
+    data = os.urandom(3 * 2**20 + 12345)
+    with _connected(cipher) as (server_channel, client_channel):
+        assert isinstance(server_channel.transport.packetizer, BatchingPacketizer)
+        sender = threading.Thread(target=channel_sendall, args=(server_channel, data))
+        sender.start()
+        assert _receive(client_channel, len(data)) == data
+        sender.join(10)
+
+
+def test_batches_wait_for_the_window_and_survive_key_reexchange() -> None:
+    # a 64 KiB client window forces the sender to block for WINDOW_ADJUST again and again;
+    # a tiny rekey limit makes our side re-key many times in the middle of batches
+    data = os.urandom(2**21)
+    with _connected("aes128-gcm@openssh.com", client_window=2**16) as (server_channel, client_channel):
+        server_channel.transport.packetizer.REKEY_BYTES = 2**18
+        sender = threading.Thread(target=channel_sendall, args=(server_channel, data))
+        sender.start()
+        assert _receive(client_channel, len(data)) == data
+        sender.join(10)
+        assert server_channel.transport.packetizer._Packetizer__sent_bytes < 2**19  # counters reset: it re-keyed
+
+
+def test_buffered_reads_deliver_client_data_in_order() -> None:
+    # many writes of odd sizes: packets straddle our recv boundaries
+    pieces = [os.urandom(random.randrange(1, 70000)) for _ in range(200)]
+    with _connected("aes128-gcm@openssh.com") as (server_channel, client_channel):
+        writer = threading.Thread(target=lambda: [client_channel.sendall(p) for p in pieces])
+        writer.start()
+        assert _receive(server_channel, sum(map(len, pieces))) == b"".join(pieces)
+        writer.join(10)
+
+
+def test_channel_sendall_on_a_closed_channel_is_an_os_error() -> None:
+    with _connected("aes128-gcm@openssh.com") as (server_channel, client_channel):
+        client_channel.close()
+        server_channel.close()
+        with pytest.raises(OSError):
+            channel_sendall(server_channel, b"late")
+
+
+def test_chunk_pipe_reads_exactly_as_paramikos_buffered_pipe() -> None:
+    rng = random.Random(7)
+    ours, theirs = ChunkPipe(), BufferedPipe()
+    for _ in range(2000):
+        if rng.random() < 0.5:
+            data = rng.randbytes(rng.randrange(0, 300))
+            ours.feed(data)
+            theirs.feed(data)
+        elif len(theirs):
+            size = rng.randrange(1, 700)
+            assert ours.read(size) == theirs.read(size)
+        assert len(ours) == len(theirs)
+        assert ours.read_ready() == theirs.read_ready()
+    assert ours.empty() == theirs.empty()
+
+
+def test_chunk_pipe_times_out_when_empty_and_ends_when_closed() -> None:
+    pipe = ChunkPipe()
+    with pytest.raises(PipeTimeout):
+        pipe.read(10, timeout=0.05)
+    pipe.feed(b"last")
+    pipe.close()
+    assert pipe.read(10) == b"last"
+    assert pipe.read(10) == b""
