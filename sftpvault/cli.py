@@ -86,7 +86,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int |
     """Run the SFTP server (creates host keys and the keystore on first run)."""
     from sftpvault.ssh.hostkeys import ensure_host_keys
     from sftpvault.ssh.server import SSHServer, tcp_socket
-    from sftpvault.ssh.workers import serve_workers
+    from sftpvault.ssh.workers import limit_malloc_arenas, serve_workers
 
     settings = config.load(ctx.obj["home"])
     settings.server.host = host or settings.server.host
@@ -95,6 +95,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int |
     count = count or os.cpu_count() or 1
     settings.server.max_connections = -(-settings.server.max_connections // count)  # the cap is spread over workers
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a core dump would hold plaintext and keys
+    limit_malloc_arenas()  # before any thread; workers inherit it
     _setup_logging(settings)
     try:
         # no SO_REUSEPORT here: a port held by anyone, even another sftpvault, is refused

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -72,3 +73,35 @@ def test_a_dead_worker_is_replaced_and_workers_die_with_the_master(vault: Vault)
     wait_for(lambda: not any(alive(pid) for pid in workers))
     out = subprocess.run(["pgrep", "-f", str(vault.home)], capture_output=True, text=True)
     assert out.stdout.strip() == ""
+
+
+ARENA_PROBE = """
+import ctypes, sys, threading
+from sftpvault.ssh.workers import limit_malloc_arenas
+if sys.argv[1] == "limit":
+    limit_malloc_arenas()
+barrier = threading.Barrier(7)
+def hold():
+    held = [bytearray(60000) for _ in range(50)]  # under the mmap threshold: from an arena
+    barrier.wait()
+    barrier.wait()
+threads = [threading.Thread(target=hold) for _ in range(6)]
+for t in threads:
+    t.start()
+barrier.wait()
+ctypes.CDLL(None).malloc_stats()  # one "Arena N:" block per arena, on stderr
+barrier.wait()
+"""
+
+
+def test_server_processes_cap_malloc_arenas() -> None:
+    # without the cap each connection thread may take an arena of its own and keep its freed memory
+    def arenas(mode: str) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+        done = subprocess.run(
+            [sys.executable, "-c", ARENA_PROBE, mode], capture_output=True, text=True, env=env, check=True
+        )
+        return sum(line.startswith("Arena ") for line in done.stderr.splitlines())
+
+    assert arenas("none") > 2
+    assert arenas("limit") <= 2
