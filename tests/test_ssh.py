@@ -145,3 +145,9 @@ def test_connection_socket_disables_nagle_and_delayed_acks() -> None:
             assert wrapped.recv(64) == b"KEXINIT"
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
             assert wrapped.fileno() == accepted.fileno() and not wrapped._closed
+
+            wrapped.logging_in = False  # after the login, replies carry the ACKs
+            accepted.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
+            client.sendall(b"READ")
+            assert wrapped.recv(64) == b"READ"
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 0

@@ -71,21 +71,26 @@ class QuickAckSocket:
     a message sent right after one the server does not answer (ECDH_INIT after
     KEXINIT, SERVICE_REQUEST after NEWKEYS) waits for the server's ACK, which
     Linux delays by 40 ms. Linux drops TCP_QUICKACK after a while, so it is set
-    again before every read.
+    again before every read until the login is over; from then on SFTP replies
+    carry the ACKs, and the extra system call (which runs the loopback peer's
+    receive path while holding the GIL) would only cost time.
     """
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        self.logging_in = True
         # paramiko writes each SSH packet on its own: with Nagle's algorithm a reply
         # following another small packet would wait for the client's delayed ACK
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def recv(self, size: int) -> bytes:
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        if self.logging_in:
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         return self._sock.recv(size)
 
     def recv_into(self, buffer: memoryview) -> int:
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        if self.logging_in:
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         return self._sock.recv_into(buffer)
 
     def __getattr__(self, name: str) -> Any:
@@ -174,8 +179,9 @@ class SSHServer:
 
     def _serve_admitted(self, client: socket.socket, peer: str) -> str:
         """Run one connection to its end: "login", "authfail" (refused attempts) or "noauth"."""
+        sock = QuickAckSocket(client)
         transport = paramiko.Transport(
-            QuickAckSocket(client),
+            sock,
             default_window_size=self.settings.window_size,
             default_max_packet_size=self.settings.max_packet_size,
             packetizer_class=paramiko_compat.BatchingPacketizer,
@@ -192,6 +198,7 @@ class SSHServer:
             if not self._await_login(conn) or not conn.username:
                 log.info("closing %s: not logged in", peer)
                 transport.close()
+            sock.logging_in = False
             transport.join()
         except Exception as exc:
             log.info("connection %s ended: %s", peer, exc)
