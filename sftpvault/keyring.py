@@ -83,8 +83,9 @@ class UserKeys:
     process) adds a DEK, `current` switches to it and `get` finds it.
     """
 
-    def __init__(self, user: str, refresh: Callable[[UserKeys], None]) -> None:
+    def __init__(self, user: str, record_file: str, refresh: Callable[[UserKeys], None]) -> None:
         self.user = user
+        self.record_file = record_file  # a plain string: it is stat'ed on every upload
         self.deks: dict[bytes, bytes] = {}
         self.current_id = b""
         self.record_mtime = -1
@@ -248,7 +249,7 @@ class Keyring:
                     return shared
             if self.load_record(user) is None:
                 self.add_dek(user, first_only=True)
-            keys = UserKeys(user, self._refresh)
+            keys = UserKeys(user, str(self.record_path(user)), self._refresh)
             self._refresh(keys)
             with self._lock:
                 self._open[user] = (keys, 1)
@@ -300,10 +301,9 @@ class Keyring:
 
     def _refresh(self, keys: UserKeys) -> None:
         """Bring `keys` up to date with the user's record (cheap when unchanged: one stat)."""
-        path = self.record_path(keys.user)
         with keys.lock:
             try:
-                mtime = path.stat().st_mtime_ns
+                mtime = os.stat(keys.record_file).st_mtime_ns
             except FileNotFoundError:
                 raise KeyServiceError(f"the DEK record of {keys.user} is missing") from None
             if mtime == keys.record_mtime:
