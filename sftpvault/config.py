@@ -193,8 +193,10 @@ def validate(settings: Settings) -> Settings:
     for key in ("max_connections", "login_grace_time", "max_auth_tries", "max_handles"):
         if getattr(s, key) < 1:
             raise ConfigError(f"server.{key} must be at least 1")
-    if s.window_size < 2 * s.max_packet_size or s.max_packet_size < 32 * 1024:
-        raise ConfigError("server.max_packet_size must be >= 32768 and server.window_size >= 2 x max_packet_size")
+    if s.window_size < 2 * s.max_packet_size or not 32 * 1024 <= s.max_packet_size <= 512 * 1024:
+        raise ConfigError(
+            "server.max_packet_size must be 32768 to 524288 and server.window_size >= 2 x max_packet_size"
+        )
     unknown = set(s.ciphers) - set(CIPHERS)
     if unknown or not s.ciphers:
         raise ConfigError(f"server.ciphers may only list {', '.join(CIPHERS)}")

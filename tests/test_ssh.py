@@ -96,6 +96,26 @@ def test_login_grace_time_closes_silent_connections(vault: Vault) -> None:
     assert "not logged in" in vault.log.read_text()
 
 
+def test_oversized_packets_end_the_connection_before_login(vault: Vault) -> None:
+    # paramiko would buffer whatever follows a 100 MiB length field; we hang up at once
+    with socket.create_connection(("127.0.0.1", vault.port), timeout=30) as s:
+        s.recv(256)
+        s.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+        s.sendall((100 * 2**20 + 4).to_bytes(4, "big") + b"\x04" + b"\x00" * 3)  # length, padding, first block
+        sent, closed = 0, False
+        try:
+            while sent < 8 * 2**20:
+                s.sendall(b"\x00" * 65536)
+                sent += 65536
+            while s.recv(65536):  # the server's own banner and KEXINIT, then EOF
+                pass
+            closed = True
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True
+    assert closed
+    assert "packet of 104857600 bytes refused" in vault.log.read_text()
+
+
 def test_failed_auth_attempts_are_capped(vault: Vault) -> None:
     restart_with(vault, "[server]\nmax_auth_tries = 3\n")
     transport = paramiko.Transport(("127.0.0.1", vault.port))

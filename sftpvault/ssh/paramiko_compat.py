@@ -21,7 +21,10 @@ Two workarounds live here, each checked by tests/test_paramiko_compat.py:
    paramiko's own path) and writes them with one system call. It goes through
    `Transport._send_user_message`, so it waits during key re-exchange exactly
    as paramiko's own channel writes do. Reads are buffered too: one recv
-   brings in many packets instead of two system calls per packet.
+   brings in many packets instead of two system calls per packet, and a
+   packet longer than MAX_PACKET_LENGTH ends the connection. paramiko itself
+   has no limit: a client could announce a 4 GiB packet before logging in
+   and make us buffer whatever it sends (OpenSSH stops at 256 KiB).
 
 3. Channel input without copies. paramiko's BufferedPipe keeps a channel's
    input in an array, copying every packet in and again out. `ChunkPipe`
@@ -43,12 +46,13 @@ import paramiko.transport
 from paramiko.auth_handler import AuthHandler
 from paramiko.buffered_pipe import BufferedPipe
 from paramiko.channel import Channel
-from paramiko.common import cMSG_CHANNEL_DATA, xffffffff
+from paramiko.common import MSG_CHANNEL_DATA, cMSG_CHANNEL_DATA, xffffffff
 from paramiko.message import Message
 from paramiko.packet import NeedRekeyException, Packetizer
 from paramiko.ssh_exception import SSHException
 
 READ_SIZE = 256 * 1024  # one recv: up to several full channel packets
+MAX_PACKET_LENGTH = 1024 * 1024  # server.max_packet_size is at most 512 KiB, plus SSH framing
 _DATA_HEADER = struct.Struct(">IBBII")  # packet length, padding length, CHANNEL_DATA, channel, data length
 
 
@@ -98,6 +102,8 @@ class BatchingPacketizer(Packetizer):
 
     def read_all(self, n: int, check_rekey: bool = False) -> bytes:
         """As Packetizer.read_all (same timeout, rekey and keepalive handling), one recv for many packets."""
+        if n > MAX_PACKET_LENGTH:
+            raise SSHException(f"packet of {n} bytes refused")
         if self._Packetizer__remainder:  # bytes read past the version banner
             self._inbuf += self._Packetizer__remainder
             self._Packetizer__remainder = b""
@@ -152,7 +158,9 @@ class BatchingPacketizer(Packetizer):
             out: list[bytes] = []
             used = 0
             for piece, padding in zip(data.pieces, paddings, strict=True):
-                header = _DATA_HEADER.pack(len(piece) + 10 + padding, padding, 94, data.remote_chanid, len(piece))
+                header = _DATA_HEADER.pack(
+                    len(piece) + 10 + padding, padding, MSG_CHANNEL_DATA, data.remote_chanid, len(piece)
+                )
                 sealed = b"".join((header[4:], piece, randomness[used : used + padding]))
                 used += padding
                 out += (header[:4], engine.encrypt(self._Packetizer__iv_out, sealed, header[:4]))
