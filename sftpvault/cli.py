@@ -114,7 +114,11 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int |
     if count > 1:
         # each worker builds its own App: no HTTP connection or lock is shared across the fork
         serve_workers(
-            lambda: SSHServer(build(settings, actor="server")), settings.server.host, settings.server.port, count
+            lambda: SSHServer(build(settings, actor="server")),
+            settings.server.host,
+            settings.server.port,
+            count,
+            pin=settings.server.pin_workers,
         )
         return
     server = SSHServer(app)

@@ -31,6 +31,7 @@ class ServerSettings:
     port: int = 2222
     max_connections: int = 200
     workers: int = 0
+    pin_workers: bool = True
     login_grace_time: int = 30
     max_auth_tries: int = 6
     max_handles: int = 256
@@ -253,6 +254,8 @@ port = 2222
 max_connections = 200
 # Server processes sharing the port; 0 = one per core.
 workers = 0
+# With several workers, keep each on one CPU (cheaper thread handoffs, lower latency).
+pin_workers = true
 # Seconds a connection may take to log in.
 login_grace_time = 30
 # Failed authentication attempts before the connection is closed.

@@ -60,9 +60,14 @@ def test_a_dead_worker_is_replaced_and_workers_die_with_the_master(vault: Vault)
     vault.stop()
     vault.start(workers=2)
     first = children(vault.proc.pid)
+    cpus = sorted(os.sched_getaffinity(0))
+    pinned = {pid: os.sched_getaffinity(pid) for pid in first}  # server.pin_workers is on by default
+    assert sorted(pinned.values(), key=min) == [{cpus[0]}, {cpus[1 % len(cpus)]}]
     os.kill(first[0], signal.SIGKILL)
     wait_for(lambda: len(children(vault.proc.pid)) == 2 and first[0] not in children(vault.proc.pid))
     assert "starting another" in vault.log.read_text()
+    (replacement,) = set(children(vault.proc.pid)) - set(first)
+    wait_for(lambda: os.sched_getaffinity(replacement) == pinned[first[0]])  # it takes the dead one's CPU
     time.sleep(0.5)
     for _ in range(4):
         assert "Remote working directory" in vault.sftp("pwd").stdout
