@@ -65,7 +65,7 @@ def tcp_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
 
 
 class QuickAckSocket:
-    """A connected socket that acknowledges every segment at once.
+    """A connected socket with Nagle off that acknowledges at once while the client logs in.
 
     OpenSSH clients leave Nagle's algorithm on outside interactive sessions, so
     a message sent right after one the server does not answer (ECDH_INIT after
@@ -84,14 +84,16 @@ class QuickAckSocket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def recv(self, size: int) -> bytes:
-        if self.logging_in:
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        self._ack_quickly()
         return self._sock.recv(size)
 
     def recv_into(self, buffer: memoryview) -> int:
+        self._ack_quickly()
+        return self._sock.recv_into(buffer)
+
+    def _ack_quickly(self) -> None:
         if self.logging_in:
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        return self._sock.recv_into(buffer)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
@@ -161,7 +163,6 @@ class SSHServer:
 
     def _serve_connection(self, client: socket.socket, peer: str) -> None:
         client.settimeout(None)
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ip = peer.rsplit(":", 1)[0]
         with self._lock:
             full = len(self._connections) >= self.settings.max_connections

@@ -90,7 +90,11 @@ def serve_workers(make_server: Callable[[], SSHServer], host: str, port: int, co
     make = _with_port(make_server, address[1])
     read_fd, write_fd = os.pipe()
     cpus = sorted(os.sched_getaffinity(0))
-    workers = {_spawn(make, write_fd, cpus[n % len(cpus)] if pin else None): n for n in range(count)}
+
+    def start(n: int) -> int:
+        return _spawn(make, write_fd, cpus[n % len(cpus)] if pin else None)
+
+    workers = {start(n): n for n in range(count)}
     for _ in range(count):  # every worker is listening before we say so
         if not os.read(read_fd, 1):
             break
@@ -115,7 +119,7 @@ def serve_workers(make_server: Callable[[], SSHServer], host: str, port: int, co
         if not stopping and n is not None:
             log.error("worker %d exited (%s); starting another", pid, os.waitstatus_to_exitcode(status))
             time.sleep(RESTART_DELAY)
-            workers[_spawn(make, write_fd, cpus[n % len(cpus)] if pin else None)] = n
+            workers[start(n)] = n
     os.close(read_fd)
     os.close(write_fd)
     log.info("stopped: all workers finished")
