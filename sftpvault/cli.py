@@ -92,7 +92,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int |
     settings.server.host = host or settings.server.host
     settings.server.port = port or settings.server.port
     count = workers if workers is not None else settings.server.workers
-    count = count or os.cpu_count() or 1
+    count = count or len(os.sched_getaffinity(0))  # the CPUs we may use (a container's cpuset), not the host's
     settings.server.max_connections = -(-settings.server.max_connections // count)  # the cap is spread over workers
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a core dump would hold plaintext and keys
     limit_malloc_arenas()  # before any thread; workers inherit it

@@ -252,7 +252,7 @@ host = "127.0.0.1"
 port = 2222
 # Connections served at once (spread over the workers); further ones are closed at once.
 max_connections = 200
-# Server processes sharing the port; 0 = one per core.
+# Server processes sharing the port; 0 = one per CPU this process may use.
 workers = 0
 # With several workers, keep each on one CPU (cheaper thread handoffs, lower latency).
 pin_workers = true

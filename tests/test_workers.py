@@ -110,3 +110,18 @@ def test_server_processes_cap_malloc_arenas() -> None:
 
     assert arenas("none") > 1
     assert arenas("limit") == 1
+
+
+def test_default_worker_count_follows_the_cpus_we_may_use(vault: Vault) -> None:
+    # os.cpu_count() would count the host's CPUs inside a container limited by a cpuset
+    cpus = sorted(os.sched_getaffinity(0))
+    vault.stop()
+    os.sched_setaffinity(0, {cpus[0]})  # the server inherits this thread's CPU set
+    try:
+        vault.start(workers=0)
+    finally:
+        os.sched_setaffinity(0, cpus)
+    assert children(vault.proc.pid) == []  # one CPU: one process, no workers
+    vault.stop()
+    vault.start(workers=0)
+    assert len(children(vault.proc.pid)) == (len(cpus) if len(cpus) > 1 else 0)  # one worker per CPU
