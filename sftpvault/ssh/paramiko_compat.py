@@ -96,7 +96,7 @@ class BatchingPacketizer(Packetizer):
         super().__init__(socket)
         self._inbuf = bytearray()
         self._inpos = 0
-        self._chunk = bytearray(READ_SIZE)
+        self._chunk = memoryview(bytearray(READ_SIZE))  # made once: read_all runs twice per packet
 
     # -- reading -----------------------------------------------------------------
 
@@ -107,18 +107,17 @@ class BatchingPacketizer(Packetizer):
         if self._Packetizer__remainder:  # bytes read past the version banner
             self._inbuf += self._Packetizer__remainder
             self._Packetizer__remainder = b""
-        view = memoryview(self._chunk)
         while len(self._inbuf) - self._inpos < n:
             if self.handshake_timed_out():
                 raise EOFError()
             try:
-                got = self._Packetizer__socket.recv_into(view)
+                got = self._Packetizer__socket.recv_into(self._chunk)
                 if got == 0:
                     raise EOFError()
                 if self._inpos:
                     del self._inbuf[: self._inpos]
                     self._inpos = 0
-                self._inbuf += view[:got]
+                self._inbuf += self._chunk[:got]
                 continue
             except TimeoutError:
                 pass

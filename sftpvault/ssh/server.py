@@ -78,6 +78,7 @@ class QuickAckSocket:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        self.send = sock.send  # every reply is written through here: skip __getattr__
         self.logging_in = True
         # paramiko writes each SSH packet on its own: with Nagle's algorithm a reply
         # following another small packet would wait for the client's delayed ACK
