@@ -45,7 +45,7 @@ def decode(raw: bytes, tmp_path: Path) -> bytes:
     path.write_bytes(raw)
     fd = os.open(path, os.O_RDONLY)
     try:
-        handle = EncryptedFile.open(fd, lambda dek_id: DEK if dek_id == DEK_ID else b"")
+        handle = EncryptedFile.open(fd, lambda dek_id: DEK if dek_id == DEK_ID else b"", len(raw))
         return handle.read(0, handle.size + 1)
     finally:
         os.close(fd)

@@ -46,7 +46,7 @@ def apply(model: bytearray, handle: EncryptedFile, op: tuple) -> None:
 
 def reopen(path: str, writable: bool) -> EncryptedFile:
     fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
-    return EncryptedFile.open(fd, lambda dek_id: DEK)
+    return EncryptedFile.open(fd, lambda dek_id: DEK, os.fstat(fd).st_size)
 
 
 @settings(max_examples=200, deadline=None)

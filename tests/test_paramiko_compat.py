@@ -10,6 +10,7 @@ import os
 import random
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -54,12 +55,18 @@ def test_paramiko_is_the_pinned_release_with_the_internals_we_use() -> None:
         (Packetizer, "_check_keepalive"),
         (Packetizer, "handshake_timed_out"),
         (paramiko.Channel, "_wait_for_send_window"),
+        (paramiko.Channel, "_check_add_window"),
         (paramiko.Transport, "_send_user_message"),
         (paramiko.auth_handler.AuthHandler, "_send_auth_result"),
         (BufferedPipe, "_buffer_frombytes"),
         (BufferedPipe, "_buffer_tobytes"),
     ]:
         assert callable(getattr(owner, name, None)), f"{owner.__name__}.{name}"
+    pipe = BufferedPipe()
+    assert all(hasattr(pipe, name) for name in ("_lock", "_cv", "_closed", "_buffer"))
+    with socket.socket() as sock:
+        transport = paramiko.Transport(sock)
+        assert all(hasattr(transport, name) for name in ("active", "clear_to_send", "clear_to_send_lock"))
 
 
 class _Open(paramiko.ServerInterface):
@@ -173,3 +180,88 @@ def test_chunk_pipe_times_out_when_empty_and_ends_when_closed() -> None:
     pipe.close()
     assert pipe.read(10) == b"last"
     assert pipe.read(10) == b""
+
+
+def test_chunk_pipe_offers_each_piece_to_its_consumer_first() -> None:
+    pipe, taken = ChunkPipe(), []
+
+    def consumer(data: bytes) -> bool:
+        if data.startswith(b"take"):
+            taken.append(data)
+            return True
+        return False
+
+    pipe.consumer = consumer
+    for piece in (b"take-1", b"keep-1", b"take-2", b"keep-2"):
+        pipe.feed(piece)
+    assert taken == [b"take-1", b"take-2"]
+    assert pipe.read(100) == b"keep-1keep-2"
+
+
+def test_chunk_pipe_wait_returns_on_input_on_close_and_on_wake() -> None:
+    pipe, flag = ChunkPipe(), threading.Event()
+    threading.Timer(0.05, pipe.feed, args=(b"x",)).start()
+    assert pipe.wait(flag.is_set) is True  # input
+    pipe.read(1)
+    threading.Timer(0.05, lambda: (flag.set(), pipe.wake())).start()
+    assert pipe.wait(flag.is_set) is False  # only woken: nothing to read
+    flag.clear()
+    threading.Timer(0.05, pipe.close).start()
+    assert pipe.wait(flag.is_set) is True  # closed: a read returns b""
+
+
+def test_input_taken_by_a_consumer_still_opens_the_window() -> None:
+    # The server window is 64 KiB: the client can send 1 MiB only if every byte the
+    # consumer takes (instead of Channel.recv) is granted back with WINDOW_ADJUST.
+    received = bytearray()
+
+    def take(data: bytes) -> bool:
+        received.extend(data)
+        paramiko_compat.grant_window(server_channel, len(data))
+        return True
+
+    data = os.urandom(2**20)
+    with _connected("aes128-gcm@openssh.com") as (server_channel, client_channel):
+        server_channel.in_window_size = 2**16  # as negotiated by a server with a 64 KiB window
+        server_channel.in_window_threshold = 2**14
+        client_channel.out_window_size = 2**16
+        server_channel.in_buffer.consumer = take
+        client_channel.settimeout(10)
+        client_channel.sendall(data)  # times out if the window stays shut
+        deadline = time.monotonic() + 10
+        while len(received) < len(data) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert bytes(received) == data
+
+
+def test_can_send_now_only_within_the_window_and_outside_key_exchange() -> None:
+    with _connected("aes128-gcm@openssh.com", client_window=2**16) as (server_channel, _):
+        transport = server_channel.transport
+        assert paramiko_compat.can_send_now(server_channel, 2**16)
+        assert not paramiko_compat.can_send_now(server_channel, 2**16 + 1)
+        with transport.clear_to_send_lock:  # what paramiko does when a key re-exchange starts
+            transport.clear_to_send.clear()
+        assert not paramiko_compat.can_send_now(server_channel, 1)
+        transport.clear_to_send.set()
+        server_channel.close()
+        assert not paramiko_compat.can_send_now(server_channel, 1)
+
+
+def test_send_now_splits_by_the_peer_packet_size_and_takes_the_window() -> None:
+    data = os.urandom(100_000)  # the stock client takes packets of at most 32 KiB
+    with _connected("aes128-gcm@openssh.com") as (server_channel, client_channel):
+        window = server_channel.out_window_size
+        assert paramiko_compat.can_send_now(server_channel, len(data))
+        paramiko_compat.send_now(server_channel, data)
+        assert server_channel.out_window_size == window - len(data)
+        assert _receive(client_channel, len(data)) == data
+
+
+def test_thousands_of_small_replies_arrive_intact() -> None:
+    # each packet's random padding comes from a pool: these cross many refills
+    replies = [os.urandom(random.randrange(1, 200)) for _ in range(3000)]
+    with _connected("aes128-gcm@openssh.com") as (server_channel, client_channel):
+        sender = threading.Thread(target=lambda: [channel_sendall(server_channel, r) for r in replies])
+        sender.start()
+        assert _receive(client_channel, sum(map(len, replies))) == b"".join(replies)
+        sender.join(10)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import errno
+import filecmp
 import os
 import stat
 import struct
+import sys
 import threading
+from pathlib import Path
 
 import paramiko
 import pytest
 
 from sftpvault import format as fmt
 from sftpvault.sftp import protocol
-from tests.conftest import Vault
+from tests.conftest import PASSWORD, Vault
 
 
 def test_random_offset_and_out_of_order_writes(vault: Vault) -> None:
@@ -364,3 +367,72 @@ def test_remove_directory_with_rm_is_refused(vault: Vault) -> None:
     with pytest.raises(OSError):
         client.rmdir("/")
     client.close()
+
+
+@pytest.mark.timeout(120)
+def test_replies_larger_than_the_client_window_arrive_whole(vault: Vault) -> None:
+    # With a 16 KiB window a 255 KiB DATA reply or a 100-entry NAME reply cannot be sent
+    # at once. Small requests are answered in paramiko's transport thread, which must
+    # never wait for a window adjust (only it could read one): such replies pass to
+    # the session thread, which sends them as the window opens.
+    transport = paramiko.Transport(("127.0.0.1", vault.port))
+    transport.connect(username="demo", password=PASSWORD)
+    client = paramiko.SFTPClient.from_transport(transport, window_size=2**14)
+    assert client is not None
+    data = os.urandom(3 * 2**20 + 7)
+    with client.open("big", "wb") as f:
+        f.write(data)
+    names = {f"{'n' * 200}{i:03d}" for i in range(150)}
+    client.mkdir("many")
+    for name in names:
+        client.open(f"many/{name}", "wb").close()
+    handle = client.open("big")
+    kind, payload = raw_request(
+        client, protocol.READ, protocol.string(handle.handle), protocol.u64(0), protocol.u32(protocol.MAX_READ)
+    )
+    assert kind == protocol.DATA and payload[4:] == data[: protocol.MAX_READ]
+    assert set(client.listdir("many")) == names
+    assert client.open("big").read() == data
+    client.close()
+    transport.close()
+
+
+@pytest.mark.timeout(300)
+def test_requests_keep_their_order_across_server_initiated_key_reexchange(vault: Vault, tmp_path: Path) -> None:
+    # The server re-keys every 64 KiB here (paramiko's limit is 512 MiB: too slow to reach in
+    # a test), so requests keep arriving while its key exchange is under way: they must wait
+    # for the session thread instead of being answered in the transport thread.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import logging\n"
+        "from sftpvault.ssh.paramiko_compat import BatchingPacketizer\n"
+        "BatchingPacketizer.REKEY_BYTES = 2**16\n"
+        "_trigger = BatchingPacketizer._trigger_rekey\n"
+        "def _logged(self):\n"
+        "    logging.getLogger('sftpvault').warning('test hook: server re-key')\n"
+        "    _trigger(self)\n"
+        "BatchingPacketizer._trigger_rekey = _logged\n"
+    )
+    vault.stop()
+    vault.start(extra_env={"PYTHONPATH": os.pathsep.join([str(hook), *sys.path])})
+    small = vault.work / "small"
+    small.mkdir()
+    for i in range(60):
+        (small / f"f{i:02d}").write_bytes(os.urandom(i * 700))
+    (vault.work / "big").write_bytes(os.urandom(2 * 2**20 + 3))
+    vault.sftp("put -r small small", "put big big", "get -r small back", "get big big.back")
+    assert filecmp.cmp(vault.work / "big", vault.work / "big.back", shallow=False)
+    for i in range(60):
+        assert (vault.work / "back" / f"f{i:02d}").read_bytes() == (small / f"f{i:02d}").read_bytes()
+    # pipelined requests, one SSH packet each: the server starts a re-key between two of them,
+    # and those the client sent before it saw the server's KEXINIT arrive while it is under way
+    client = vault.client()
+    for i in range(3000):
+        client.sock.sendall(protocol.packet(protocol.STAT, i, protocol.string("big")))
+    for i in range(3000):
+        (length,) = struct.unpack(">I", client._read_all(4))
+        body = client._read_all(length)
+        assert (body[0], struct.unpack(">I", body[1:5])[0]) == (protocol.ATTRS, i)
+    client.close()
+    assert vault.log.read_text().count("test hook: server re-key") >= 10

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import paramiko
 import pytest
 
+from sftpvault.ssh.server import QuickAckSocket
 from tests.conftest import PASSWORD, SSH_OPTS, Vault
 
 
@@ -147,27 +151,57 @@ def test_host_keys_are_private_and_of_three_kinds(vault: Vault) -> None:
     assert rsa.get_bits() >= 3072
 
 
-def test_connection_socket_disables_nagle_and_delayed_acks() -> None:
-    # OpenSSH clients send ECDH_INIT right behind KEXINIT with Nagle on: a delayed ACK
-    # from us would stall every login by 40 ms (twice), so each read re-arms TCP_QUICKACK
-    from sftpvault.ssh.server import QuickAckSocket
-
+@contextmanager
+def connected_pair() -> Iterator[tuple[socket.socket, socket.socket, QuickAckSocket]]:
+    """(client, accepted, our wrapper of accepted) over loopback."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         client = socket.create_connection(listener.getsockname())
         accepted, _ = listener.accept()
-        with client, accepted:
-            wrapped = QuickAckSocket(accepted)
-            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
-            accepted.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)  # as Linux does after a reply
-            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 0
-            client.sendall(b"KEXINIT")
-            wrapped.settimeout(5)  # everything but recv is the socket's own
-            assert wrapped.recv(64) == b"KEXINIT"
-            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
-            assert wrapped.fileno() == accepted.fileno() and not wrapped._closed
+    with client, accepted:
+        yield client, accepted, QuickAckSocket(accepted)
 
-            wrapped.logging_in = False  # after the login, replies carry the ACKs
-            accepted.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
-            client.sendall(b"READ")
-            assert wrapped.recv(64) == b"READ"
-            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 0
+
+def test_connection_socket_disables_nagle_and_delayed_acks() -> None:
+    # OpenSSH clients send ECDH_INIT right behind KEXINIT with Nagle on: a delayed ACK
+    # from us would stall every login by 40 ms (twice), so each read re-arms TCP_QUICKACK
+    with connected_pair() as (client, accepted, wrapped):
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        accepted.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)  # as Linux does after a reply
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 0
+        client.sendall(b"KEXINIT")
+        wrapped.settimeout(5)
+        assert wrapped.recv(64) == b"KEXINIT"
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
+        assert wrapped.fileno() == accepted.fileno() and not wrapped._closed
+
+        wrapped.logging_in = False  # after the login, replies carry the ACKs
+        accepted.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
+        client.sendall(b"READ")
+        assert wrapped.recv(64) == b"READ"
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 0
+
+
+def test_connection_socket_keeps_paramikos_timeout_in_the_kernel() -> None:
+    # paramiko sets a 0.1 s timeout to look at its state between reads. Python would
+    # poll() before every read and write; the kernel's SO_RCVTIMEO/SO_SNDTIMEO give the
+    # same tick with one system call, and a read that times out still raises TimeoutError.
+    with connected_pair() as (client, accepted, wrapped):
+        wrapped.settimeout(0.1)
+        assert wrapped.gettimeout() == 0.1 and accepted.gettimeout() is None  # blocking: no poll()
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            wrapped.recv_into(memoryview(bytearray(16)))
+        assert 0.05 < time.monotonic() - started < 5
+        with pytest.raises(TimeoutError):
+            wrapped.recv(16)
+        client.sendall(b"data")
+        buffer = bytearray(16)
+        assert wrapped.recv_into(memoryview(buffer)) == 4 and buffer[:4] == b"data"
+        assert wrapped.send(b"reply") == 5 and client.recv(16) == b"reply"
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with pytest.raises(TimeoutError):  # the peer reads nothing: the send buffer fills, then a tick passes
+            while True:
+                wrapped.send(b"x" * 65536)
+        wrapped.settimeout(None)
+        assert wrapped.gettimeout() is None
+        assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16) == bytes(16)

@@ -20,13 +20,13 @@ import paramiko
 
 from sftpvault.errors import IntegrityError, KeyServiceError, UserError
 from sftpvault.sftp import protocol as p
-from sftpvault.ssh.paramiko_compat import channel_sendall
+from sftpvault.ssh.paramiko_compat import ChunkPipe, can_send_now, channel_sendall, grant_window, send_now
 from sftpvault.vfs.fs import Attrs, SetAttrs, UserFS
 from sftpvault.vfs.openfile import OpenFile, OpenMode
 
 log = logging.getLogger("sftpvault.sftp")
 READDIR_BATCH = 100
-RECV_SIZE = 2 * 1024 * 1024  # one recv usually empties paramiko's buffer; bigger only costs memory
+RECV_SIZE = 2 * 1024 * 1024  # all the channel holds: paramiko's buffer shifted on partial reads
 
 _ERRNO_STATUS = {
     errno.ENOENT: p.NO_SUCH_FILE,
@@ -104,6 +104,12 @@ class SFTPSession(paramiko.SubsystemHandler):
         self._exit_status = 0
         self._inbuf = bytearray()  # received, not yet parsed: at most one packet plus one recv
         self._pos = 0
+        # Requests are answered by this session's thread or, when it is idle, by
+        # paramiko's transport thread (see _answer_inline); whoever holds the turn.
+        self._turn = threading.Lock()
+        self._woken = False  # the transport thread left work for the session thread
+        self._unsent: bytes | None = None  # a reply the transport thread could not send without waiting
+        self._inline_error: BaseException | None = None  # an error the transport thread met, for the session thread
         server.sessions.add(self)
         self._closing = threading.Lock()
         self._handlers: dict[int, Callable[[int, p.Reader], bytes]] = {
@@ -149,15 +155,74 @@ class SFTPSession(paramiko.SubsystemHandler):
             self._exit_status = 1
             return
         try:
-            kind, payload = self._read_packet()
-            if kind != p.INIT:
+            if self._first_request()[0] != p.INIT:
                 return
             channel_sendall(channel, p.version_reply(EXTENSIONS))
-            while True:
-                kind, payload = self._read_packet()
-                channel_sendall(channel, self._dispatch(kind, payload))
-        except (EOFError, OSError, p.ProtocolError) as exc:
+            self._serve(channel.in_buffer)
+        except (EOFError, OSError, paramiko.SSHException, p.ProtocolError) as exc:
             log.debug("sftp: session of %s ended: %s", self.host.username, exc)
+
+    def _serve(self, pipe: ChunkPipe) -> None:
+        """Answer requests until the channel closes, sharing the work with the transport thread."""
+        pipe.consumer = self._answer_inline
+        while True:
+            readable = pipe.wait(lambda: self._woken)
+            with self._turn:
+                try:
+                    self._take_over()
+                    chunk = self.channel.recv(RECV_SIZE) if readable else None
+                    if chunk is not None:
+                        self._take(chunk)
+                    while self._has_request():
+                        channel_sendall(self.channel, self._dispatch(*self._pop_request()))
+                    if chunk == b"":
+                        raise EOFError("channel closed")
+                except BaseException:
+                    pipe.consumer = None  # while we hold the turn: nothing is answered after the session ends
+                    raise
+
+    def _take_over(self) -> None:
+        """Finish what the transport thread left: raise the error it met, send the reply it could not."""
+        self._woken = False
+        error, self._inline_error = self._inline_error, None
+        if error is not None:
+            raise error
+        if self._unsent is not None:
+            reply, self._unsent = self._unsent, None
+            channel_sendall(self.channel, reply)
+
+    def _answer_inline(self, data: bytes) -> bool:
+        """In the transport thread: take `data` and answer what can be answered at once, or decline.
+
+        Declined while the session thread has the turn, holds unread input (it
+        comes first) or has work left, or during a key re-exchange. What is
+        taken but cannot be finished here without waiting (a reply larger than
+        the window, an error) is left for the session thread, which is woken.
+        """
+        channel = self.channel
+        if not self._turn.acquire(blocking=False):
+            return False
+        try:
+            if len(channel.in_buffer) or self._woken or not can_send_now(channel, 0):
+                return False
+            self._take(data)
+            grant_window(channel, len(data))
+            try:
+                while self._has_request():
+                    reply = self._dispatch(*self._pop_request())
+                    if not can_send_now(channel, len(reply)):
+                        self._unsent = reply
+                        break
+                    send_now(channel, reply)
+                else:
+                    return True
+            except (EOFError, OSError, paramiko.SSHException, p.ProtocolError) as exc:
+                self._inline_error = exc
+            self._woken = True
+            channel.in_buffer.wake()
+            return True
+        finally:
+            self._turn.release()
 
     def finish_subsystem(self) -> None:
         self.close_all()
@@ -182,33 +247,36 @@ class SFTPSession(paramiko.SubsystemHandler):
                 self.fs.close()
                 self.fs = None
 
-    def _fill(self, need: int) -> None:
-        """Have at least `need` unread bytes in our input buffer.
+    def _take(self, data: bytes) -> None:
+        if self._pos:
+            del self._inbuf[: self._pos]
+            self._pos = 0
+        self._inbuf += data
 
-        We take everything the channel holds in one recv: paramiko's channel
-        buffer shifts all it still holds on every partial read, which made
-        small reads (a 4-byte length, then the body) the top cost of uploads.
-        """
-        while len(self._inbuf) - self._pos < need:
-            chunk = self.channel.recv(RECV_SIZE)
-            if not chunk:
-                raise EOFError("channel closed")
-            if self._pos:
-                del self._inbuf[: self._pos]
-                self._pos = 0
-            self._inbuf += chunk
-
-    def _read_packet(self) -> tuple[int, bytes]:
-        self._fill(4)
+    def _has_request(self) -> bool:
+        """Whether a whole request is buffered; a length no client may send ends the session."""
+        if len(self._inbuf) - self._pos < 4:
+            return False
         (length,) = p.U32.unpack_from(self._inbuf, self._pos)
         if length == 0 or length > p.MAX_PACKET:
             raise p.ProtocolError(f"packet of {length} bytes refused")
-        self._fill(4 + length)
+        return len(self._inbuf) - self._pos >= 4 + length
+
+    def _pop_request(self) -> tuple[int, bytes]:
+        (length,) = p.U32.unpack_from(self._inbuf, self._pos)
         start = self._pos + 4
         with memoryview(self._inbuf) as buffered:  # one copy (slicing the bytearray would make two)
             body = bytes(buffered[start : start + length])
         self._pos = start + length
         return body[0], body
+
+    def _first_request(self) -> tuple[int, bytes]:
+        while not self._has_request():
+            chunk = self.channel.recv(RECV_SIZE)
+            if not chunk:
+                raise EOFError("channel closed")
+            self._take(chunk)
+        return self._pop_request()
 
     def _dispatch(self, kind: int, body: bytes) -> bytes:
         reader = p.Reader(memoryview(body)[1:])

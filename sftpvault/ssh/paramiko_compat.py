@@ -15,7 +15,8 @@ Two workarounds live here, each checked by tests/test_paramiko_compat.py:
    packet, so one 255 KiB SFTP read reply is 8 SSH packets. paramiko builds
    each through a Message, copies the payload about seven times and makes two
    system calls per packet, which was most of a download's CPU time.
-   `channel_sendall` takes as much of the channel window as is open and hands
+   The random padding comes from a pool refilled from os.urandom, not one
+   getrandom() per reply. `channel_sendall` takes as much of the channel window as is open and hands
    the pieces to `BatchingPacketizer`, which seals them with the negotiated
    AEAD cipher (the only kind we offer besides CTR+EtM, which falls back to
    paramiko's own path) and writes them with one system call. It goes through
@@ -32,6 +33,18 @@ Two workarounds live here, each checked by tests/test_paramiko_compat.py:
    `_buffer_tobytes` exist for this); paramiko's own locking and waiting are
    unchanged. `use_chunk_pipe` swaps it in from the transport thread, the only
    thread that feeds a channel, so nothing already fed is lost.
+
+4. Answering in the transport thread. Passing each request from paramiko's
+   transport thread to the session thread and waking it cost more than
+   answering a small request. A ChunkPipe may have a `consumer`: the
+   transport thread offers it each piece of input first, and the consumer
+   either takes it (answering what it can at once) or declines, and the piece
+   is queued for the session thread as before. The transport thread must never
+   wait for anything only it can bring (a window adjust, the end of a key
+   re-exchange), so `can_send_now` says when a reply of a given size goes out
+   without waiting, `send_now` then sends it without the waits, and
+   `grant_window` does Channel.recv's window accounting for input the
+   consumer took.
 """
 
 from __future__ import annotations
@@ -40,18 +53,20 @@ import errno
 import os
 import struct
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import paramiko.transport
 from paramiko.auth_handler import AuthHandler
 from paramiko.buffered_pipe import BufferedPipe
 from paramiko.channel import Channel
-from paramiko.common import MSG_CHANNEL_DATA, cMSG_CHANNEL_DATA, xffffffff
+from paramiko.common import MSG_CHANNEL_DATA, cMSG_CHANNEL_DATA, cMSG_CHANNEL_WINDOW_ADJUST, xffffffff
 from paramiko.message import Message
 from paramiko.packet import NeedRekeyException, Packetizer
 from paramiko.ssh_exception import SSHException
 
 READ_SIZE = 256 * 1024  # one recv: up to several full channel packets
+PADDING_POOL = 16 * 1024  # random padding for a few hundred packets
 MAX_PACKET_LENGTH = 1024 * 1024  # server.max_packet_size is at most 512 KiB, plus SSH framing
 _DATA_HEADER = struct.Struct(">IBBII")  # packet length, padding length, CHANNEL_DATA, channel, data length
 
@@ -97,6 +112,8 @@ class BatchingPacketizer(Packetizer):
         self._inbuf = bytearray()
         self._inpos = 0
         self._chunk = memoryview(bytearray(READ_SIZE))  # made once: read_all runs twice per packet
+        self._padding_pool = memoryview(b"")
+        self._padding_pos = 0
 
     # -- reading -----------------------------------------------------------------
 
@@ -151,8 +168,8 @@ class BatchingPacketizer(Packetizer):
         """CHANNEL_DATA packets as Packetizer._build_packet and send_message make them, in one write."""
         block = self._Packetizer__block_size_out
         paddings = [3 + block - ((len(piece) + 13) % block) for piece in data.pieces]  # 13: 9 payload + 4 length
-        randomness = memoryview(os.urandom(sum(paddings)))
         with self._Packetizer__write_lock:
+            randomness = self._padding_bytes(sum(paddings))
             engine = self._Packetizer__block_engine_out
             out: list[bytes] = []
             used = 0
@@ -168,6 +185,15 @@ class BatchingPacketizer(Packetizer):
             wire = b"".join(out)
             self.write_all(wire)
             self._count_sent(len(wire), len(data.pieces))
+
+    def _padding_bytes(self, size: int) -> memoryview:
+        """Random padding from a pool refilled from os.urandom: one getrandom() per many packets, not per reply."""
+        if self._padding_pos + size > len(self._padding_pool):
+            self._padding_pool = memoryview(os.urandom(max(PADDING_POOL, size)))
+            self._padding_pos = 0
+        start = self._padding_pos
+        self._padding_pos += size
+        return self._padding_pool[start : self._padding_pos]
 
     def _advance_sequence(self) -> None:
         next_seq = (self._Packetizer__sequence_number_out + 1) & xffffffff
@@ -248,11 +274,33 @@ class _Chunks:
 
 
 class ChunkPipe(BufferedPipe):
-    """BufferedPipe without the array: what arrives is handed out as it came."""
+    """BufferedPipe without the array: what arrives is handed out as it came.
+
+    `consumer`, when set, is offered every piece first, in the feeding
+    (transport) thread; a piece it declines (returns False) is buffered.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self._buffer = _Chunks()
+        self.consumer: Callable[[bytes], bool] | None = None
+
+    def feed(self, data: bytes) -> None:
+        consumer = self.consumer
+        if consumer is None or not consumer(data):
+            super().feed(data)
+
+    def wait(self, woken: Callable[[], bool]) -> bool:
+        """Block until input is buffered, the pipe is closed or `woken()` holds; True unless only woken."""
+        with self._lock:
+            while not len(self._buffer) and not self._closed and not woken():
+                self._cv.wait()
+            return bool(len(self._buffer)) or self._closed
+
+    def wake(self) -> None:
+        """Make `wait` check its condition again."""
+        with self._lock:
+            self._cv.notify_all()
 
     def _buffer_frombytes(self, data: bytes) -> None:
         self._buffer.append(data)
@@ -266,3 +314,39 @@ def use_chunk_pipe(channel: Channel) -> None:
     pipe = ChunkPipe()
     pipe.feed(channel.in_buffer.empty())
     channel.in_buffer = pipe
+
+
+def can_send_now(channel: Channel, size: int) -> bool:
+    """Whether `size` bytes can go out on `channel` from the transport thread without waiting."""
+    transport = channel.transport
+    return (
+        transport.active
+        and transport.clear_to_send.is_set()  # no key re-exchange under way
+        and not channel.closed
+        and channel.out_window_size >= size
+    )
+
+
+def send_now(channel: Channel, data: bytes) -> None:
+    """Send `data` from the transport thread once `can_send_now(channel, len(data))` said so.
+
+    What channel_sendall adds is for other threads: waiting for the window
+    and for a key re-exchange to end, which the check has ruled out.
+    """
+    limit = channel.out_max_packet_size - 64  # as Channel._wait_for_send_window
+    view = memoryview(data)
+    with channel.lock:
+        channel.out_window_size -= len(view)
+    pieces = [view[start : start + limit] for start in range(0, len(view), limit)]
+    channel.transport.packetizer.send_message(ChannelData(channel.remote_chanid, pieces))
+
+
+def grant_window(channel: Channel, size: int) -> None:
+    """Channel.recv's window accounting for `size` bytes taken from the channel without recv."""
+    ack = channel._check_add_window(size)
+    if ack > 0:
+        m = Message()
+        m.add_byte(cMSG_CHANNEL_WINDOW_ADJUST)
+        m.add_int(channel.remote_chanid)
+        m.add_int(ack)
+        channel.transport._send_user_message(m)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 import time
 from typing import Any
@@ -78,19 +79,50 @@ class QuickAckSocket:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self.send = sock.send  # every reply is written through here: skip __getattr__
+        self._timeout = sock.gettimeout()
         self.logging_in = True
         # paramiko writes each SSH packet on its own: with Nagle's algorithm a reply
         # following another small packet would wait for the client's delayed ACK
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def settimeout(self, timeout: float | None) -> None:
+        """paramiko's timeout (a 0.1 s tick), kept by the kernel: SO_RCVTIMEO and SO_SNDTIMEO.
+
+        With Python's own timeouts every read and write first waits in poll(),
+        a second system call per SSH packet; a blocking socket with kernel
+        timeouts makes one. A read or write that times out raises TimeoutError,
+        as with Python's timeouts.
+        """
+        self._timeout = timeout
+        kernel_timeout = timeout if timeout else 0.0  # 0: no kernel timeout
+        self._sock.settimeout(None if timeout else timeout)
+        seconds = int(kernel_timeout)
+        timeval = struct.pack("ll", seconds, int((kernel_timeout - seconds) * 1e6))
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
     def recv(self, size: int) -> bytes:
         self._ack_quickly()
-        return self._sock.recv(size)
+        try:
+            return self._sock.recv(size)
+        except BlockingIOError:
+            raise TimeoutError("timed out") from None
 
     def recv_into(self, buffer: memoryview) -> int:
         self._ack_quickly()
-        return self._sock.recv_into(buffer)
+        try:
+            return self._sock.recv_into(buffer)
+        except BlockingIOError:
+            raise TimeoutError("timed out") from None
+
+    def send(self, data: bytes | memoryview) -> int:
+        try:
+            return self._sock.send(data)
+        except BlockingIOError:
+            raise TimeoutError("timed out") from None
 
     def _ack_quickly(self) -> None:
         if self.logging_in:

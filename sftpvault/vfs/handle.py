@@ -46,12 +46,11 @@ class EncryptedFile:
         return handle
 
     @classmethod
-    def open(cls, fd: int, dek_for: DekLookup) -> EncryptedFile:
-        """Open an existing file: authenticate its header and derive its size."""
+    def open(cls, fd: int, dek_for: DekLookup, cipher_size: int) -> EncryptedFile:
+        """Open an existing file of `cipher_size` bytes: authenticate its header and derive its size."""
         header = fmt.Header.parse(os.pread(fd, fmt.HEADER_SIZE, 0))
         file_key = fmt.open_header(header, dek_for(header.dek_id))
-        size = fmt.plain_size(os.fstat(fd).st_size)
-        return cls(fd, header, file_key, size)
+        return cls(fd, header, file_key, fmt.plain_size(cipher_size))
 
     # -- reading ------------------------------------------------------------
 

@@ -54,22 +54,22 @@ class OpenFile:
         self.mode = mode
         self.name = name
         self._fsync_on_close = fsync_on_close
-        self._dir_fd = os.dup(dir_fd)  # the handle outlives the caller's resolution
         self._temp: str | None = None
         self._times: tuple[int, int] | None = None
         self._lock = threading.Lock()
+        changes = mode.write or mode.create or mode.truncate  # as open(2): O_CREAT acts without write access
+        # a writer renames in its directory at close, after the caller's resolution is gone
+        self._dir_fd = os.dup(dir_fd) if changes else -1
         try:
-            changes = mode.write or mode.create or mode.truncate  # as open(2): O_CREAT acts without write access
-            self.file = self._open_for_write(keys, file_mode) if changes else self._open_for_read(keys)
+            self.file = self._open_for_write(keys, file_mode) if changes else self._open_for_read(dir_fd, keys)
         except BaseException:
             self._discard()
             raise
 
-    def _open_for_read(self, keys: UserKeys) -> EncryptedFile:
-        fd = os.open(self.name, os.O_RDONLY | _OPEN_FLAGS, dir_fd=self._dir_fd)
+    def _open_for_read(self, dir_fd: int, keys: UserKeys) -> EncryptedFile:
+        fd = os.open(self.name, os.O_RDONLY | _OPEN_FLAGS, dir_fd=dir_fd)
         try:
-            _require_regular(fd)
-            return EncryptedFile.open(fd, keys.get)
+            return EncryptedFile.open(fd, keys.get, _require_regular(fd).st_size)
         except BaseException:
             os.close(fd)
             raise
@@ -85,8 +85,7 @@ class OpenFile:
             try:
                 if self.mode.create and self.mode.exclusive:
                     raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), self.name)
-                _require_regular(existing)
-                file_mode = os.fstat(existing).st_mode
+                file_mode = _require_regular(existing).st_mode
             except BaseException:
                 os.close(existing)
                 raise
@@ -97,7 +96,7 @@ class OpenFile:
             if existing is None or self.mode.truncate:
                 return EncryptedFile.create(fd, keys.current, keys.current_id)
             _copy_ciphertext(existing, fd)
-            return EncryptedFile.open(fd, keys.get)
+            return EncryptedFile.open(fd, keys.get, os.fstat(fd).st_size)
         except BaseException:
             os.close(fd)
             raise
@@ -179,12 +178,13 @@ class OpenFile:
             self._dir_fd = -1
 
 
-def _require_regular(fd: int) -> None:
-    st_mode = os.fstat(fd).st_mode
-    if stat.S_ISDIR(st_mode):
+def _require_regular(fd: int) -> os.stat_result:
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), None)
-    if not stat.S_ISREG(st_mode):
+    if not stat.S_ISREG(st.st_mode):
         raise OSError(errno.EINVAL, "not a regular file", None)
+    return st
 
 
 def remove_stale_uploads(root: Path) -> int:
