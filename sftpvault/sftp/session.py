@@ -26,6 +26,9 @@ from sftpvault.vfs.openfile import OpenFile, OpenMode
 
 log = logging.getLogger("sftpvault.sftp")
 READDIR_BATCH = 100
+# A larger request (an upload's WRITE) is left to the session thread, so that its
+# encryption and disk write overlap the transport thread reading what follows.
+INLINE_MAX = 16 * 1024
 RECV_SIZE = 2 * 1024 * 1024  # all the channel holds: paramiko's buffer shifted on partial reads
 
 _ERRNO_STATUS = {
@@ -196,8 +199,9 @@ class SFTPSession(paramiko.SubsystemHandler):
 
         Declined while the session thread has the turn, holds unread input (it
         comes first) or has work left, or during a key re-exchange. What is
-        taken but cannot be finished here without waiting (a reply larger than
-        the window, an error) is left for the session thread, which is woken.
+        taken but is not finished here (a request over INLINE_MAX, a reply
+        larger than the window, an error) is left for the session thread,
+        which is woken.
         """
         channel = self.channel
         if not self._turn.acquire(blocking=False):
@@ -209,6 +213,8 @@ class SFTPSession(paramiko.SubsystemHandler):
             grant_window(channel, len(data))
             try:
                 while self._has_request():
+                    if p.U32.unpack_from(self._inbuf, self._pos)[0] > INLINE_MAX:
+                        break
                     reply = self._dispatch(*self._pop_request())
                     if not can_send_now(channel, len(reply)):
                         self._unsent = reply
