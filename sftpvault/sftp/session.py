@@ -26,8 +26,9 @@ from sftpvault.vfs.openfile import OpenFile, OpenMode
 
 log = logging.getLogger("sftpvault.sftp")
 READDIR_BATCH = 100
-# A larger request (an upload's WRITE) is left to the session thread, so that its
-# encryption and disk write overlap the transport thread reading what follows.
+# Requests that move more (an upload's WRITE, a READ of a large file) are left to
+# the session thread, so that their encryption and disk I/O overlap the transport
+# thread reading and decrypting what follows.
 INLINE_MAX = 16 * 1024
 RECV_SIZE = 2 * 1024 * 1024  # all the channel holds: paramiko's buffer shifted on partial reads
 
@@ -213,7 +214,7 @@ class SFTPSession(paramiko.SubsystemHandler):
             grant_window(channel, len(data))
             try:
                 while self._has_request():
-                    if p.U32.unpack_from(self._inbuf, self._pos)[0] > INLINE_MAX:
+                    if not self._is_small_work():
                         break
                     reply = self._dispatch(*self._pop_request())
                     if not can_send_now(channel, len(reply)):
@@ -229,6 +230,22 @@ class SFTPSession(paramiko.SubsystemHandler):
             return True
         finally:
             self._turn.release()
+
+    def _is_small_work(self) -> bool:
+        """Whether the next buffered request moves at most INLINE_MAX bytes (a READ: by what is left to read)."""
+        (length,) = p.U32.unpack_from(self._inbuf, self._pos)
+        if length > INLINE_MAX:
+            return False
+        start = self._pos + 4
+        if self._inbuf[start] != p.READ:
+            return True
+        r = p.Reader(bytes(self._inbuf[start + 5 : start + length]))  # after the type and the request id
+        try:
+            f = self.files.get(r.bytes())
+            offset, wanted = r.u64(), r.u32()
+        except p.ProtocolError:
+            return True  # answered with an error status
+        return f is None or min(wanted, f.file.size - offset) <= INLINE_MAX
 
     def finish_subsystem(self) -> None:
         self.close_all()
