@@ -94,8 +94,8 @@ class QuickAckSocket:
         as with Python's timeouts.
         """
         self._timeout = timeout
-        kernel_timeout = timeout if timeout else 0.0  # 0: no kernel timeout
-        self._sock.settimeout(None if timeout else timeout)
+        kernel_timeout = timeout or 0.0  # 0.0 turns the kernel's timeouts off
+        self._sock.settimeout(None if kernel_timeout else timeout)  # blocking, unless 0.0 asked for non-blocking
         seconds = int(kernel_timeout)
         timeval = struct.pack("ll", seconds, int((kernel_timeout - seconds) * 1e6))
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
