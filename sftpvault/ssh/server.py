@@ -105,11 +105,8 @@ class QuickAckSocket:
         return self._timeout
 
     def recv(self, size: int) -> bytes:
-        self._ack_quickly()
-        try:
-            return self._sock.recv(size)
-        except BlockingIOError:
-            raise TimeoutError("timed out") from None
+        buffer = bytearray(size)  # paramiko reads only the version banner with recv
+        return bytes(buffer[: self.recv_into(memoryview(buffer))])
 
     def recv_into(self, buffer: memoryview) -> int:
         self._ack_quickly()
