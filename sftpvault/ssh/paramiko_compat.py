@@ -13,19 +13,20 @@ Two workarounds live here, each checked by tests/test_paramiko_compat.py:
 
 2. Batched channel data. OpenSSH clients accept at most 32 KiB per channel
    packet, so one 255 KiB SFTP read reply is 8 SSH packets. paramiko builds
-   each through a Message, copies the payload about seven times and makes two
-   system calls per packet, which was most of a download's CPU time.
-   The random padding comes from a pool refilled from os.urandom, not one
-   getrandom() per reply. `channel_sendall` takes as much of the channel window as is open and hands
-   the pieces to `BatchingPacketizer`, which seals them with the negotiated
-   AEAD cipher (the only kind we offer besides CTR+EtM, which falls back to
-   paramiko's own path) and writes them with one system call. It goes through
-   `Transport._send_user_message`, so it waits during key re-exchange exactly
-   as paramiko's own channel writes do. Reads are buffered too: one recv
-   brings in many packets instead of two system calls per packet, and a
-   packet longer than MAX_PACKET_LENGTH ends the connection. paramiko itself
-   has no limit: a client could announce a 4 GiB packet before logging in
-   and make us buffer whatever it sends (OpenSSH stops at 256 KiB).
+   each through a Message, copies the payload about seven times and makes
+   two system calls per packet, which was most of a download's CPU time. The
+   random padding comes from a pool refilled from os.urandom, not one
+   getrandom() per reply. `channel_sendall` takes as much of the channel
+   window as is open and hands the pieces to `BatchingPacketizer`, which
+   seals them with the negotiated AEAD cipher (the only kind we offer
+   besides CTR+EtM, which falls back to paramiko's own path) and writes them
+   with one system call. It goes through `Transport._send_user_message`, so
+   it waits during key re-exchange exactly as paramiko's own channel writes
+   do. Reads are buffered too: one recv brings in many packets instead of
+   two system calls per packet, and a packet longer than MAX_PACKET_LENGTH
+   ends the connection. paramiko itself has no limit: a client could
+   announce a 4 GiB packet before logging in and make us buffer whatever it
+   sends (OpenSSH stops at 256 KiB).
 
 3. Channel input without copies. paramiko's BufferedPipe keeps a channel's
    input in an array, copying every packet in and again out. `ChunkPipe`
