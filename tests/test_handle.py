@@ -1,6 +1,7 @@
 """EncryptedFile against a plain bytearray model: any sequence of writes,
 truncates and flushes must read back the same bytes, before and after reopen."""
 
+import errno
 import os
 import tempfile
 
@@ -90,3 +91,38 @@ def test_sequential_upload_seals_each_chunk_once(tmp_path, monkeypatch):
     assert sealed == list(range(11))
     assert handle.read(0, len(data)) == data
     os.close(fd)
+
+
+def test_a_closed_handle_never_writes_to_a_reused_descriptor(tmp_path):
+    # Shutdown commits open uploads while a request may still hold the handle: its late
+    # write must fail, not land in whichever file the kernel gave the old descriptor number.
+    from sftpvault.keyring import UserKeys
+    from sftpvault.vfs.openfile import OpenFile, OpenMode
+
+    keys = UserKeys("demo", str(tmp_path / "record"), lambda k: None)
+    keys.deks, keys.current_id = {DEK_ID: DEK}, DEK_ID
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        handle = OpenFile(dir_fd, "upload", OpenMode(write=True, create=True), keys, 0o644)
+        handle.write(0, b"first")
+        old_fd = handle.file.fd
+        handle.close()
+        # the kernel hands out the lowest free numbers: these take the handle's (and its directory's)
+        opened = [os.open(tmp_path / f"bystander{i}", os.O_RDWR | os.O_CREAT, 0o600) for i in range(2)]
+        try:
+            assert old_fd in opened
+            bystander = old_fd
+            for late in (lambda: handle.write(0, b"x" * 100), handle.fstat, lambda: handle.chmod(0o600)):
+                try:
+                    late()
+                except OSError as exc:
+                    assert exc.errno == errno.EBADF
+                else:
+                    raise AssertionError("a closed handle still worked")
+            assert os.fstat(bystander).st_size == 0
+        finally:
+            for fd in opened:
+                os.close(fd)
+    finally:
+        os.close(dir_fd)
+    assert reopen(str(tmp_path / "upload"), writable=False).read(0, 100) == b"first"

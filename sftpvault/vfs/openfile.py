@@ -110,38 +110,41 @@ class OpenFile:
         if not self.mode.read:
             raise PermissionError(errno.EBADF, "handle not open for reading", self.name)
         with self._lock:
-            return self.file.read(offset, length)
+            return self._live().read(offset, length)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         if not self.mode.write:
             raise PermissionError(errno.EBADF, "handle not open for writing", self.name)
         with self._lock:
-            self.file.write(self.file.size if self.mode.append else offset, data)
+            self._live().write(self.file.size if self.mode.append else offset, data)
 
     def truncate(self, size: int) -> None:
         if not self.mode.write:
             raise PermissionError(errno.EBADF, "handle not open for writing", self.name)
         with self._lock:
-            self.file.truncate(size)
+            self._live().truncate(size)
 
     def chmod(self, mode: int) -> None:
-        os.fchmod(self.file.fd, (mode & 0o7777) | 0o600)
+        with self._lock:
+            os.fchmod(self.file.fd, (mode & 0o7777) | 0o600)
 
     def set_times(self, atime: int, mtime: int) -> None:
         """Applied at close for writers, so sealing the last chunk does not reset them."""
-        if self._temp is None:
-            os.utime(self.file.fd, (atime, mtime))
-        else:
-            self._times = (atime, mtime)
+        with self._lock:
+            if self._temp is None:
+                os.utime(self.file.fd, (atime, mtime))
+            else:
+                self._times = (atime, mtime)
 
     def fstat(self) -> os.stat_result:
-        return os.fstat(self.file.fd)
+        with self._lock:
+            return os.fstat(self.file.fd)
 
     def sync(self) -> None:
         """fsync@openssh.com: make what was written so far durable (in the temporary)."""
         with self._lock:
             if self._temp is not None:
-                self.file.flush()
+                self._live().flush()
             os.fsync(self.file.fd)
 
     def close(self) -> None:
@@ -157,14 +160,27 @@ class OpenFile:
                     os.rename(self._temp, self.name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
                     self._temp = None
             finally:
-                os.close(self.file.fd)
-                self._discard()
+                self._release()
 
     def abort(self) -> None:
         """Drop the handle without committing: the target keeps its old content."""
         with self._lock:
-            os.close(self.file.fd)
-            self._discard()
+            self._release()
+
+    def _live(self) -> EncryptedFile:
+        """The file, unless this handle is closed: then EBADF, even for a write that would only buffer."""
+        if self.file.fd < 0:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF), self.name)
+        return self.file
+
+    def _release(self) -> None:
+        """Close the descriptor. A request still holding this handle (the shutdown path
+        closes handles under running requests) then fails with EBADF, instead of
+        writing to whatever file reuses the descriptor number."""
+        fd, self.file.fd = self.file.fd, -1
+        if fd >= 0:
+            os.close(fd)
+        self._discard()
 
     def _discard(self) -> None:
         if self._temp is not None:
