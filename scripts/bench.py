@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,23 +56,45 @@ def wait_port(port: int, proc: subprocess.Popen, seconds: float = 30) -> None:
     raise RuntimeError("server did not start")
 
 
+def process_tree(pid: int) -> Iterator[int]:
+    """`pid` and its live descendants."""
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        yield current
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+
+
 def largest_process_rss(pid: int) -> int:
     """Resident bytes of the largest process among `pid` and its descendants.
 
     Per process, not summed: forked workers share copy-on-write pages that a
     sum would count once per process (and the targets are per worker).
     """
-    largest, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
+    largest = 0
+    for current in process_tree(pid):
         try:
             status = Path(f"/proc/{current}/status").read_text()
             largest = max(largest, int(status.split("VmRSS:")[1].split()[0]) * 1024 if "VmRSS:" in status else 0)
-            for task in Path(f"/proc/{current}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, ValueError, IndexError):
             continue
     return largest
+
+
+def server_cpu_seconds(pid: int) -> float:
+    """CPU time of `pid` and its descendants, with that of descendants that ended and were waited for."""
+    ticks = 0
+    for current in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class RssSampler:
@@ -315,11 +337,10 @@ def measure_target(
         add(f"peak RSS per process, {args.streams} streams, MiB", rss.peak / 2**20)
 
         tree = f"{target.remote}small{run}"
-        add("small files upload files/s", args.small / timed(lambda t=tree: client.run(target, f"put -r small {t}")))
-        add(
-            "small files download files/s",
-            args.small / timed(lambda t=tree: client.run(target, f"get -r {t} smallback")),
-        )
+        for way, command in (("upload", f"put -r small {tree}"), ("download", f"get -r {tree} smallback")):
+            cpu = server_cpu_seconds(target.proc.pid)
+            add(f"small files {way} files/s", args.small / timed(lambda c=command: client.run(target, c)))
+            add(f"server CPU per small file {way}, us", (server_cpu_seconds(target.proc.pid) - cpu) / args.small * 1e6)
         shutil.rmtree(local / "smallback", ignore_errors=True)
 
         add("logins/s sequential", args.logins / timed(lambda: [client.run(target, "bye") for _ in range(args.logins)]))

@@ -39,6 +39,7 @@ class ServerSettings:
     max_packet_size: int = 256 * 1024
     ciphers: list[str] = field(default_factory=lambda: list(CIPHERS))
     fsync_on_close: bool = False
+    busy_poll_us: int = 100
 
 
 @dataclass
@@ -191,6 +192,8 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError(f"server.port must be 1-65535, not {s.port}")
     if not 0 <= s.workers <= 256:
         raise ConfigError(f"server.workers must be 0-256, not {s.workers}")
+    if not 0 <= s.busy_poll_us <= 10_000:
+        raise ConfigError(f"server.busy_poll_us must be 0-10000, not {s.busy_poll_us}")
     for key in ("max_connections", "login_grace_time", "max_auth_tries", "max_handles"):
         if getattr(s, key) < 1:
             raise ConfigError(f"server.{key} must be at least 1")
@@ -269,6 +272,10 @@ max_packet_size = 262144
 ciphers = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr"]
 # fsync every uploaded file before it replaces the old one (slower; survives power loss).
 fsync_on_close = false
+# Microseconds to keep polling for a client's next request after answering one, before
+# sleeping (as Linux's busy_read). Waking a sleeping thread is slow on VMs; polling spends
+# up to this much CPU per answered request. 0 turns it off.
+busy_poll_us = 100
 
 [keys]
 # Key service that wraps new DEKs: "embedded" (keys/keystore.json), "transit" or "movault".

@@ -79,6 +79,7 @@ def test_user_errors_are_one_line(tmp_path: Path) -> None:
         ('[keys]\nservice = "vault"\n', ("keys.service",)),
         ('[server]\nciphers = ["3des-cbc"]\n', ("server.ciphers",)),
         ("[server]\nmax_packet_size = 1048576\nwindow_size = 8388608\n", ("server.max_packet_size", "524288")),
+        ("[server]\nbusy_poll_us = -1\n", ("server.busy_poll_us", "0-10000")),
     ],
 )
 def test_bad_config_is_one_clear_line(tmp_path: Path, config: str, words: tuple[str, ...]) -> None:

@@ -11,8 +11,9 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import paramiko
 import pytest
@@ -21,6 +22,7 @@ from paramiko.packet import Packetizer
 
 from sftpvault.ssh import paramiko_compat
 from sftpvault.ssh.paramiko_compat import BatchingPacketizer, ChunkPipe, channel_sendall
+from sftpvault.ssh.server import QuickAckSocket
 
 PACKETIZER_INTERNALS = [
     "_Packetizer__socket",
@@ -81,12 +83,14 @@ class _Open(paramiko.ServerInterface):
 
 
 @contextmanager
-def _connected(cipher: str, client_window: int = 2**21) -> Iterator[tuple[paramiko.Channel, paramiko.Channel]]:
+def _connected(
+    cipher: str, client_window: int = 2**21, wrap: Callable[[socket.socket], Any] = lambda sock: sock
+) -> Iterator[tuple[paramiko.Channel, paramiko.Channel]]:
     """A (server, client) channel pair over loopback: our packetizer serves, stock paramiko is the client."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         client_sock = socket.create_connection(listener.getsockname())
         server_sock, _ = listener.accept()
-    server = paramiko.Transport(server_sock, packetizer_class=BatchingPacketizer)
+    server = paramiko.Transport(wrap(server_sock), packetizer_class=BatchingPacketizer)
     server.add_server_key(paramiko.ECDSAKey.generate())
     server.start_server(event=threading.Event(), server=_Open())  # returns at once: the client runs next
     client = paramiko.Transport(client_sock, default_window_size=client_window)
@@ -265,3 +269,88 @@ def test_thousands_of_small_replies_arrive_intact() -> None:
         sender.start()
         assert _receive(client_channel, sum(map(len, replies))) == b"".join(replies)
         sender.join(10)
+
+
+class _FlagRecorder(QuickAckSocket):
+    """The server's socket, noting the flags of every read."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.read_flags: list[int] = []
+
+    def recv_into(self, buffer: memoryview, nbytes: int = 0, flags: int = 0) -> int:
+        self.read_flags.append(flags)
+        return super().recv_into(buffer, nbytes, flags)
+
+
+@contextmanager
+def _polling_reader(busy_poll: float) -> Iterator[tuple[BatchingPacketizer, _FlagRecorder, socket.socket]]:
+    """A packetizer reading a loopback connection as the server's does; the client's end."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+    with ours, peer:
+        sock = _FlagRecorder(ours)
+        sock.settimeout(0.1)  # paramiko's tick
+        packetizer = BatchingPacketizer(sock)
+        packetizer.busy_poll = busy_poll
+        yield packetizer, sock, peer
+
+
+def test_the_read_after_poll_next_polls_instead_of_sleeping() -> None:
+    with _polling_reader(busy_poll=5.0) as (packetizer, sock, peer):
+        packetizer.poll_next()
+        threading.Timer(0.05, peer.sendall, args=(b"request",)).start()
+        assert packetizer.read_all(7) == b"request"
+        assert len(sock.read_flags) > 1 and set(sock.read_flags) == {socket.MSG_DONTWAIT}  # polled till it came
+        sock.read_flags.clear()
+        threading.Timer(0.05, peer.sendall, args=(b"next",)).start()
+        assert packetizer.read_all(4) == b"next"
+        assert set(sock.read_flags) == {0}  # only the read right after poll_next polls
+
+
+def test_polling_gives_up_after_busy_poll_and_sleeps() -> None:
+    with _polling_reader(busy_poll=0.01) as (packetizer, sock, peer):
+        packetizer.poll_next()
+        threading.Timer(0.3, peer.sendall, args=(b"late",)).start()
+        assert packetizer.read_all(4) == b"late"
+        polls = sock.read_flags.count(socket.MSG_DONTWAIT)
+        assert polls >= 1 and sock.read_flags[:polls] == [socket.MSG_DONTWAIT] * polls
+        assert sock.read_flags[polls:] and set(sock.read_flags[polls:]) == {0}  # then blocking reads
+
+
+def test_poll_next_does_nothing_when_busy_poll_is_off() -> None:
+    with _polling_reader(busy_poll=0.0) as (packetizer, sock, peer):
+        packetizer.poll_next()
+        peer.sendall(b"x")
+        assert packetizer.read_all(1) == b"x"
+        assert sock.read_flags == [0]
+
+
+def test_polling_sees_the_peer_go_away() -> None:
+    with _polling_reader(busy_poll=5.0) as (packetizer, sock, peer):
+        packetizer.poll_next()
+        threading.Timer(0.05, peer.shutdown, args=(socket.SHUT_WR,)).start()
+        with pytest.raises(EOFError):
+            packetizer.read_all(1)
+        assert set(sock.read_flags) == {socket.MSG_DONTWAIT}
+
+
+def test_poll_for_next_packet_makes_the_servers_next_read_poll() -> None:
+    with _connected("aes128-gcm@openssh.com", wrap=_FlagRecorder) as (server_channel, client_channel):
+        server_channel.transport.packetizer.busy_poll = 1.0
+        sock = server_channel.transport.sock
+
+        def answer(data: bytes) -> bool:  # as the SFTP session answers in the transport thread
+            paramiko_compat.send_now(server_channel, data.upper())
+            paramiko_compat.poll_for_next_packet(server_channel)
+            return True
+
+        server_channel.in_buffer.consumer = answer
+        assert socket.MSG_DONTWAIT not in sock.read_flags  # the login's reads all slept
+        client_channel.sendall(b"ping")
+        assert _receive(client_channel, 4) == b"PING"
+        time.sleep(0.05)
+        client_channel.sendall(b"pong")
+        assert _receive(client_channel, 4) == b"PONG"
+        assert socket.MSG_DONTWAIT in sock.read_flags

@@ -397,25 +397,56 @@ def test_replies_larger_than_the_client_window_arrive_whole(vault: Vault) -> Non
     transport.close()
 
 
+def _restart_with_hook(vault: Vault, tmp_path: Path, code: str) -> None:
+    """Restart the server with `code` run as it starts (a sitecustomize module), with logging and BatchingPacketizer."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    prelude = "import logging\nfrom sftpvault.ssh.paramiko_compat import BatchingPacketizer\n"
+    (hook / "sitecustomize.py").write_text(prelude + code)
+    vault.stop()
+    vault.start(extra_env={"PYTHONPATH": os.pathsep.join([str(hook), *sys.path])})
+
+
+@pytest.mark.parametrize("busy_poll_us", [0, 250])
+def test_after_answering_a_request_the_server_polls_for_the_next_as_configured(
+    vault: Vault, tmp_path: Path, busy_poll_us: int
+) -> None:
+    (vault.home / "sftpvault.toml").write_text(f"[server]\nbusy_poll_us = {busy_poll_us}\n")
+    _restart_with_hook(
+        vault,
+        tmp_path,
+        "_arm = BatchingPacketizer.poll_next\n"
+        "def _logged(self):\n"
+        "    _arm(self)\n"
+        "    if self._poll_next:\n"
+        "        logging.getLogger('sftpvault').warning('test hook: polling for %d us', round(self.busy_poll * 1e6))\n"
+        "BatchingPacketizer.poll_next = _logged\n",
+    )
+    (vault.work / "f").write_bytes(os.urandom(5000))
+    vault.sftp("put f g", "get g back", "ls -l")
+    assert (vault.work / "back").read_bytes() == (vault.work / "f").read_bytes()
+    log = vault.log.read_text()
+    if busy_poll_us:
+        assert log.count(f"test hook: polling for {busy_poll_us} us") >= 5  # open, write, close, stat, read...
+    else:
+        assert "test hook: polling" not in log
+
+
 @pytest.mark.timeout(300)
 def test_requests_keep_their_order_across_server_initiated_key_reexchange(vault: Vault, tmp_path: Path) -> None:
     # The server re-keys every 64 KiB here (paramiko's limit is 512 MiB: too slow to reach in
     # a test), so requests keep arriving while its key exchange is under way: they must wait
     # for the session thread instead of being answered in the transport thread.
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import logging\n"
-        "from sftpvault.ssh.paramiko_compat import BatchingPacketizer\n"
+    _restart_with_hook(
+        vault,
+        tmp_path,
         "BatchingPacketizer.REKEY_BYTES = 2**16\n"
         "_trigger = BatchingPacketizer._trigger_rekey\n"
         "def _logged(self):\n"
         "    logging.getLogger('sftpvault').warning('test hook: server re-key')\n"
         "    _trigger(self)\n"
-        "BatchingPacketizer._trigger_rekey = _logged\n"
+        "BatchingPacketizer._trigger_rekey = _logged\n",
     )
-    vault.stop()
-    vault.start(extra_env={"PYTHONPATH": os.pathsep.join([str(hook), *sys.path])})
     small = vault.work / "small"
     small.mkdir()
     for i in range(60):

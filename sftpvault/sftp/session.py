@@ -20,7 +20,14 @@ import paramiko
 
 from sftpvault.errors import IntegrityError, KeyServiceError, UserError
 from sftpvault.sftp import protocol as p
-from sftpvault.ssh.paramiko_compat import ChunkPipe, can_send_now, channel_sendall, grant_window, send_now
+from sftpvault.ssh.paramiko_compat import (
+    ChunkPipe,
+    can_send_now,
+    channel_sendall,
+    grant_window,
+    poll_for_next_packet,
+    send_now,
+)
 from sftpvault.vfs.fs import Attrs, SetAttrs, UserFS
 from sftpvault.vfs.openfile import OpenFile, OpenMode
 
@@ -222,6 +229,7 @@ class SFTPSession(paramiko.SubsystemHandler):
                         break
                     send_now(channel, reply)
                 else:
+                    poll_for_next_packet(channel)
                     return True
             except (EOFError, OSError, paramiko.SSHException, p.ProtocolError) as exc:
                 self._inline_error = exc

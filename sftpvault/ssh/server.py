@@ -108,10 +108,10 @@ class QuickAckSocket:
         buffer = bytearray(size)  # paramiko reads only the version banner with recv
         return bytes(buffer[: self.recv_into(memoryview(buffer))])
 
-    def recv_into(self, buffer: memoryview) -> int:
+    def recv_into(self, buffer: memoryview, nbytes: int = 0, flags: int = 0) -> int:
         self._ack_quickly()
         try:
-            return self._sock.recv_into(buffer)
+            return self._sock.recv_into(buffer, nbytes, flags)
         except BlockingIOError:
             raise TimeoutError("timed out") from None
 
@@ -218,6 +218,7 @@ class SSHServer:
             packetizer_class=paramiko_compat.BatchingPacketizer,
         )
         configure_transport(transport, self.settings.ciphers)
+        transport.packetizer.busy_poll = self.settings.busy_poll_us / 1e6
         for key in self.host_keys:
             transport.add_server_key(key)
         transport.set_subsystem_handler("sftp", SFTPSession)
