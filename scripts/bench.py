@@ -2,8 +2,10 @@
 
 Every server runs on its own loopback port with its data in a temp dir on the
 same disk, and every measurement is made with the same client: OpenSSH `sftp
--b` with aes128-gcm@openssh.com. Each row is the median of --repeat runs. It
-reports; it does not judge (exit status 0 even when a target is missed).
+-b` with aes128-gcm@openssh.com. Each row is the median of --repeat runs; the
+runs of the targets are interleaved, and each measurement starts after a
+sync(). It reports; it does not judge (exit status 0 even when a target is
+missed).
 
 Also reports the key-lifecycle figures of the key-service issue against a
 local OpenBao: `kek rotate` over many DEK records, `dek rotate` over many file
@@ -269,6 +271,8 @@ class Client:
 
 
 def timed(fn: Callable[[], None]) -> float:
+    """Seconds `fn` takes, after writing back what earlier measurements left dirty (it is not theirs to pay)."""
+    os.sync()
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -291,63 +295,79 @@ def make_random_file(path: Path, size: int) -> None:
             left -= len(block)
 
 
-def measure_target(
-    target: Target, client: Client, args: argparse.Namespace, local: Path, big_hash: str
-) -> dict[str, float]:
-    """All rows for one target; each the median of args.repeat runs."""
-    rows: dict[str, list[float]] = {}
+class Measurements:
+    """Every row of every target, as a list of runs."""
 
-    def add(row: str, value: float) -> None:
-        rows.setdefault(row, []).append(value)
+    def __init__(self, client: Client, args: argparse.Namespace, local: Path, big_hash: str) -> None:
+        self.client, self.args, self.local, self.big_hash = client, args, local, big_hash
+        self.rows: dict[str, dict[str, list[float]]] = {}
 
-    # every single-stream run first: a worker keeps memory from parallel stages, which would
-    # otherwise show in the single-stream peak (the parallel peak has a row of its own)
-    for run in range(args.repeat):
+    def add(self, target: Target, row: str, value: float) -> None:
+        self.rows.setdefault(target.name, {}).setdefault(row, []).append(value)
+
+    def medians(self) -> dict[str, dict[str, float]]:
+        return {name: {row: statistics.median(v) for row, v in rows.items()} for name, rows in self.rows.items()}
+
+    def single_stream(self, target: Target, run: int) -> None:
+        args, client = self.args, self.client
         remote = f"{target.remote}big{run}"
-        down = local / f"down{run}"
+        down = self.local / f"down{run}"
         with RssSampler(target.proc.pid) as rss:
-            add("upload MB/s", args.size / MB / timed(lambda r=remote: client.run(target, f"put big {r}")))
+            self.add(target, "upload MB/s", args.size / MB / timed(lambda: client.run(target, f"put big {remote}")))
             get = f"get {remote} {down.name}"
-            add("download MB/s", args.size / MB / timed(lambda g=get: client.run(target, g)))
-        add(f"peak RSS per process, single stream, {mib(args.size)} MiB file", rss.peak / 2**20)
-        if sha256(down) != big_hash:
+            self.add(target, "download MB/s", args.size / MB / timed(lambda: client.run(target, get)))
+        self.add(target, f"peak RSS per process, single stream, {mib(args.size)} MiB file", rss.peak / 2**20)
+        if sha256(down) != self.big_hash:
             raise RuntimeError(f"{target.name}: downloaded file differs")
         down.unlink()
         client.run(target, f"rm {remote}")
 
-    if args.large_size:  # memory must not grow with the file: once is enough for a peak
-        remote, down = f"{target.remote}large", local / "large-back"
+    def large_file(self, target: Target) -> None:
+        """Memory must not grow with the file: once is enough for a peak."""
+        remote, down = f"{target.remote}large", self.local / "large-back"
         with RssSampler(target.proc.pid) as rss:
-            client.run(target, f"put large {remote}", f"get {remote} {down.name}", f"rm {remote}")
-        add(f"peak RSS per process, single stream, {mib(args.large_size)} MiB file", rss.peak / 2**20)
-        if not filecmp.cmp(local / "large", down, shallow=False):
+            self.client.run(target, f"put large {remote}", f"get {remote} {down.name}", f"rm {remote}")
+        self.add(target, f"peak RSS per process, single stream, {mib(self.args.large_size)} MiB file", rss.peak / 2**20)
+        if not filecmp.cmp(self.local / "large", down, shallow=False):
             raise RuntimeError(f"{target.name}: downloaded large file differs")
         down.unlink()
 
-    for run in range(args.repeat):
+    def parallel(self, target: Target, run: int) -> None:
+        """Parallel streams, small files and logins."""
+        args, client = self.args, self.client
         per_stream = args.size // args.streams
 
-        def stream(i: int, run: int = run) -> None:
+        def stream(i: int) -> None:
             name = f"{target.remote}par{run}-{i}"
             client.run(target, f"put part{i} {name}", f"get {name} back{i}", f"rm {name}")
 
         with ThreadPoolExecutor(args.streams) as pool, RssSampler(target.proc.pid) as rss:
             seconds = timed(lambda: list(pool.map(stream, range(args.streams))))
-        add(f"{args.streams} streams up+down MB/s", 2 * per_stream * args.streams / MB / seconds)
-        add(f"peak RSS per process, {args.streams} streams, MiB", rss.peak / 2**20)
+        self.add(target, f"{args.streams} streams up+down MB/s", 2 * per_stream * args.streams / MB / seconds)
+        self.add(target, f"peak RSS per process, {args.streams} streams, MiB", rss.peak / 2**20)
 
         tree = f"{target.remote}small{run}"
         for way, command in (("upload", f"put -r small {tree}"), ("download", f"get -r {tree} smallback")):
             cpu = server_cpu_seconds(target.proc.pid)
-            add(f"small files {way} files/s", args.small / timed(lambda c=command: client.run(target, c)))
-            add(f"server CPU per small file {way}, us", (server_cpu_seconds(target.proc.pid) - cpu) / args.small * 1e6)
-        shutil.rmtree(local / "smallback", ignore_errors=True)
+            self.add(target, f"small files {way} files/s", args.small / timed(lambda c=command: client.run(target, c)))
+            cpu = server_cpu_seconds(target.proc.pid) - cpu
+            self.add(target, f"server CPU per small file {way}, us", cpu / args.small * 1e6)
+        shutil.rmtree(self.local / "smallback", ignore_errors=True)
 
-        add("logins/s sequential", args.logins / timed(lambda: [client.run(target, "bye") for _ in range(args.logins)]))
+        seconds = timed(lambda: [client.run(target, "bye") for _ in range(args.logins)])
+        self.add(target, "logins/s sequential", args.logins / seconds)
         with ThreadPoolExecutor(8) as pool:
             seconds = timed(lambda: list(pool.map(lambda _: client.run(target, "bye"), range(args.logins))))
-        add("logins/s 8 parallel", args.logins / seconds)
-    return {row: statistics.median(values) for row, values in rows.items()}
+        self.add(target, "logins/s 8 parallel", args.logins / seconds)
+
+
+def interleaved(targets: list[Target], runs: int) -> Iterator[tuple[Target, int]]:
+    """Each run visits every target, starting one further along each time: the machine's drift
+    (writeback, the disk's reuse of freed inodes) falls on all of them alike."""
+    for run in range(runs):
+        shift = run % len(targets)
+        for target in targets[shift:] + targets[:shift]:
+            yield target, run
 
 
 def key_benchmarks(args: argparse.Namespace, work: Path) -> dict[str, float]:
@@ -462,8 +482,6 @@ def main() -> None:
         key = work / "id_ed25519"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
         make_random_file(local / "big", args.size)
-        if args.large_size:
-            make_random_file(local / "large", args.large_size)
         for i in range(args.streams):
             make_random_file(local / f"part{i}", args.size // args.streams)
         (local / "small").mkdir()
@@ -480,15 +498,31 @@ def main() -> None:
         names = [n for n in args.targets.split(",") if n in kinds]
         if "rclone-crypt" in names and not shutil.which("rclone"):
             names.remove("rclone-crypt")
-        results: dict[str, dict[str, float]] = {}
-        for name in names:
-            target = kinds[name]()
-            print(f"measuring {name} ...", file=sys.stderr, flush=True)
-            try:
+        targets = [kinds[name]() for name in names]
+        measurements = Measurements(client, args, local, big_hash)
+        try:
+            for target in targets:
                 target.start()
-                results[name] = measure_target(target, client, args, local, big_hash)
-            finally:
+            # every single-stream run first: a worker keeps memory from parallel stages, which would
+            # otherwise show in the single-stream peak (the parallel peak has a row of its own)
+            for target, run in interleaved(targets, args.repeat):
+                print(f"{target.name}: single stream, run {run + 1}", file=sys.stderr, flush=True)
+                measurements.single_stream(target, run)
+            if args.large_size:
+                # made for this stage only: with 4 GiB more in tmpfs, every server's single-stream
+                # download measured at half speed here (the client writes its copy to tmpfs too)
+                make_random_file(local / "large", args.large_size)
+                for target in targets:
+                    print(f"{target.name}: large file", file=sys.stderr, flush=True)
+                    measurements.large_file(target)
+                (local / "large").unlink()
+            for target, run in interleaved(targets, args.repeat):
+                print(f"{target.name}: parallel, small files, logins, run {run + 1}", file=sys.stderr, flush=True)
+                measurements.parallel(target, run)
+        finally:
+            for target in targets:
                 target.stop()
+        results = measurements.medians()
         keys = {} if args.skip_keys else key_benchmarks(args, work)
 
     cores = os.cpu_count()

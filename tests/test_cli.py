@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -37,6 +40,30 @@ def test_init_writes_a_loadable_default_config(tmp_path: Path) -> None:
 
     assert load(tmp_path) == Settings(home=tmp_path.resolve())  # the file states the defaults
     assert_clean_error(run_cli(tmp_path, "init", check=False), "exists")
+
+
+def test_readme_lists_every_setting_with_its_default() -> None:
+    from sftpvault.config import _SECTIONS
+
+    documented: dict[str, str] = {}
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    reference = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    for row in reference.splitlines():
+        cells = row.split(" | ")
+        if row.startswith("| `") and len(cells) >= 3:
+            keys, defaults = re.findall(r"`([a-z_]+\.[a-z_]+)`", cells[0]), re.findall(r"`([^`]*)`", cells[1])
+            if len(defaults) == 1:  # one default for several settings
+                defaults *= len(keys)
+            documented.update(zip(keys, defaults, strict=True))
+    for section, settings in _SECTIONS.items():
+        for setting in dataclasses.fields(settings):
+            key, default = f"{section}.{setting.name}", getattr(settings(), setting.name)
+            assert key in documented, f"README does not list {key}"
+            assert documented[key] == _toml(default), f"README gives {key} the default {documented[key]}"
+
+
+def _toml(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else json.dumps(value)
 
 
 def test_user_lifecycle(tmp_path: Path, client_key: Path) -> None:
