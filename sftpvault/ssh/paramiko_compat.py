@@ -1,6 +1,6 @@
 """The one place we reach into paramiko internals (pinned: paramiko >=5.1,<6).
 
-Two workarounds live here, each checked by tests/test_paramiko_compat.py:
+The workarounds that live here, each checked by tests/test_paramiko_compat.py:
 
 1. Verified public-key results. paramiko asks `check_auth_publickey` both for
    unsigned probes and for signed requests, and verifies the signature itself
@@ -53,7 +53,9 @@ Two workarounds live here, each checked by tests/test_paramiko_compat.py:
    idle (on a VM the hypervisor has to wake it). `poll_for_next_packet`
    makes the next read poll the socket, without sleeping, for up to
    `BatchingPacketizer.busy_poll` seconds first, as Linux's busy_read does
-   for NIC queues (which loopback lacks).
+   for NIC queues (which loopback lacks). It needs a blocking socket with
+   kernel timeouts (QuickAckSocket): with Python's own timeout every try
+   would first wait in poll().
 """
 
 from __future__ import annotations
