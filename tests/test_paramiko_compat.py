@@ -297,14 +297,26 @@ def _polling_reader(busy_poll: float) -> Iterator[tuple[BatchingPacketizer, _Fla
         yield packetizer, sock, peer
 
 
+def _send_once(peer: socket.socket, data: bytes, reads: list[int], when: Callable[[list[int]], bool]) -> None:
+    """Send `data` from another thread once the reads seen so far satisfy `when` (no guessing at timings)."""
+
+    def send() -> None:
+        deadline = time.monotonic() + 10
+        while not when(reads) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        peer.sendall(data)
+
+    threading.Thread(target=send, daemon=True).start()
+
+
 def test_the_read_after_poll_next_polls_instead_of_sleeping() -> None:
-    with _polling_reader(busy_poll=5.0) as (packetizer, sock, peer):
+    with _polling_reader(busy_poll=60.0) as (packetizer, sock, peer):
         packetizer.poll_next()
-        threading.Timer(0.05, peer.sendall, args=(b"request",)).start()
+        _send_once(peer, b"request", sock.read_flags, lambda reads: len(reads) >= 3)
         assert packetizer.read_all(7) == b"request"
-        assert len(sock.read_flags) > 1 and set(sock.read_flags) == {socket.MSG_DONTWAIT}  # polled till it came
+        assert set(sock.read_flags) == {socket.MSG_DONTWAIT}  # it polled until the request came
         sock.read_flags.clear()
-        threading.Timer(0.05, peer.sendall, args=(b"next",)).start()
+        _send_once(peer, b"next", sock.read_flags, lambda reads: len(reads) >= 1)
         assert packetizer.read_all(4) == b"next"
         assert set(sock.read_flags) == {0}  # only the read right after poll_next polls
 
@@ -312,7 +324,7 @@ def test_the_read_after_poll_next_polls_instead_of_sleeping() -> None:
 def test_polling_gives_up_after_busy_poll_and_sleeps() -> None:
     with _polling_reader(busy_poll=0.01) as (packetizer, sock, peer):
         packetizer.poll_next()
-        threading.Timer(0.3, peer.sendall, args=(b"late",)).start()
+        _send_once(peer, b"late", sock.read_flags, lambda reads: 0 in reads)  # once a read sleeps
         assert packetizer.read_all(4) == b"late"
         polls = sock.read_flags.count(socket.MSG_DONTWAIT)
         assert polls >= 1 and sock.read_flags[:polls] == [socket.MSG_DONTWAIT] * polls
@@ -328,7 +340,7 @@ def test_poll_next_does_nothing_when_busy_poll_is_off() -> None:
 
 
 def test_polling_sees_the_peer_go_away() -> None:
-    with _polling_reader(busy_poll=5.0) as (packetizer, sock, peer):
+    with _polling_reader(busy_poll=60.0) as (packetizer, sock, peer):
         packetizer.poll_next()
         threading.Timer(0.05, peer.shutdown, args=(socket.SHUT_WR,)).start()
         with pytest.raises(EOFError):
